@@ -1,0 +1,3 @@
+from fla_ds.cli import main
+
+raise SystemExit(main())

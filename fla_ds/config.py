@@ -1,0 +1,222 @@
+"""The one configuration schema of fla_ds.
+
+Precedence, lowest first: the dataclass defaults below (documented field by field), a YAML
+file shipped in ``fla_ds/configs/`` or given by path, then ``key=value`` overrides from the
+command line. Each pipeline step reads its own section; every output folder receives the
+fully resolved config that produced it (``save_resolved``).
+
+Configs are untrusted input: they are parsed as plain YAML by omegaconf, never evaluated, and
+a key that the schema does not know, or a value of the wrong type, is refused with a one-line
+error naming the key (and the closest valid key).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config or override that does not fit the schema; the message is one line."""
+
+
+@dataclass
+class CorpusConfig:
+    name: str = "manifest"
+    """Reader: phoenix14t, csl-daily, how2sign, manifest or synthetic."""
+    root: str = ""
+    """The corpus as its release lays it out on disk (for manifest: the manifest file)."""
+    split: str = "train"
+    """train, dev or test (How2Sign's 'val' is accepted as dev)."""
+    how2sign_clips: str = "clips"
+    """How2Sign: folder of pre-cut <SENTENCE_NAME>.mp4 clips, relative to root."""
+    how2sign_raw_videos: str = ""
+    """How2Sign: folder of raw <VIDEO_NAME>.mp4 videos to cut by the re-aligned times."""
+
+
+@dataclass
+class ShardsConfig:
+    out: str = "shards"
+    """Output folder for <split>-%06d.tar, index.json, rejects.jsonl."""
+    samples_per_shard: int = 64
+    """Input samples per shard (rejected ones leave a shard a little short)."""
+    short_side: int = 256
+    """Frames are resized so their short side has this many pixels (256 keeps 224 crops)."""
+    jpeg_quality: int = 90
+    """Per-frame JPEG quality (docs/benchmarks.md says why per-frame JPEG)."""
+    workers: int = 1
+    """Processes encoding shards in parallel; the output bytes do not depend on it."""
+    order_seed: Optional[int] = 0
+    """Samples are put in a seeded random order before sharding so that one shard mixes
+    signers and days; null keeps the corpus order."""
+    max_frames: int = 0
+    """Drop clips longer than this many frames (0: no limit)."""
+    shard_range: str = ""
+    """'a:b' builds only shards a..b-1 (Slurm job arrays); empty builds all and the index."""
+
+
+@dataclass
+class StreamConfig:
+    shards: str = "shards"
+    """Folder with index.json and the tar shards."""
+    split: str = "train"
+    batch_size: int = 8
+    """Micro-batch per rank."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    seed: int = 0
+    """Shuffling is seeded by (seed, epoch), identical on every rank."""
+    train: bool = True
+    """Training: random temporal/spatial augmentation, drop the remainder so every rank gets
+    the same number of full batches. Evaluation: uniform sampling, center crop, every sample
+    exactly once (ranks are padded with samples marked valid=False)."""
+    keep_ratio: float = 0.25
+    """Fraction of frames kept (the paper's T/4)."""
+    stride_jitter: float = 0.5
+    """Training: each kept frame moves by up to this fraction of the stride."""
+    max_frames: int = 300
+    """Cap on frames per clip after temporal sampling."""
+    crop_size: int = 224
+    crop_scale_min: float = 0.8
+    """Training random resized crop: smallest area fraction kept."""
+    max_rotation: float = 5.0
+    """Training: largest rotation in degrees."""
+    shuffle_window: int = 32
+    """Samples permuted together inside one worker's stream (bounds memory)."""
+    prefetch_factor: int = 2
+
+
+@dataclass
+class SynthConfig:
+    out: str = "synth"
+    """Output folder of the generated corpus (manifest layout)."""
+    vocab_size: int = 24
+    """Words kept from PHOENIX-2014T's training sentences; each gets its own motion."""
+    train: int = 240
+    dev: int = 40
+    test: int = 40
+    size: int = 64
+    """Video width and height in pixels."""
+    fps: int = 25
+    frames_per_sign: int = 8
+    """Mean frames per sign; the signer's speed varies it."""
+    seed: int = 0
+    sentences: str = ""
+    """CSV of sentences in PHOENIX format; empty uses the copy shipped in the package."""
+
+
+@dataclass
+class BenchConfig:
+    clips: int = 24
+    """Clips measured in each part of `fla-ds bench data`."""
+    frames: int = 116
+    """Frames per clip (PHOENIX-2014T's mean is 116.6)."""
+    height: int = 260
+    width: int = 210
+    workers: int = 2
+    out: str = ""
+    """Scratch folder; empty uses a temporary one."""
+
+
+@dataclass
+class Config:
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def all_keys(node: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, for the did-you-mean hint."""
+    node = OmegaConf.structured(Config) if node is None else node
+    keys = []
+    for name in node:
+        path = f"{prefix}{name}"
+        keys.append(path)
+        child = node[name]
+        if isinstance(child, DictConfig):
+            keys.extend(all_keys(child, path + "."))
+    return keys
+
+
+def _closest(key: str) -> str:
+    match = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _one_line(exc: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
+    if isinstance(exc, ConfigKeyError) or "not in struct" in str(exc) or "Key '" in str(exc):
+        return ConfigError(f"{where}unknown config key '{key}'{_closest(str(key))}")
+    msg = str(exc).splitlines()[0]
+    return ConfigError(f"{where}bad value for config key '{key}': {msg}")
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A shipped config by name ('demo' -> fla_ds/configs/demo.yaml) or a file path."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    choices = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config '{name_or_path}' is neither a file nor a shipped config ({choices})")
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, value = text.split("=", 1)
+    return key.strip(), value
+
+
+def load_config(config_file: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Schema defaults <- YAML file <- key=value overrides, validated against the schema."""
+    cfg = OmegaConf.structured(Config)
+    if config_file:
+        path = resolve_config_path(config_file)
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as exc:  # yaml errors span lines; keep the first
+            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        try:
+            cfg = OmegaConf.merge(cfg, file_cfg)
+        except OmegaConfBaseException as exc:
+            raise _one_line(exc, f"{path}: ") from None
+    for text in overrides:
+        key, value = parse_override(text)
+        if key not in all_keys():
+            raise ConfigError(f"unknown config key '{key}'{_closest(key)}")
+        try:
+            # from_dotlist parses the value as YAML scalars only (no evaluation).
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
+        except OmegaConfBaseException as exc:
+            raise _one_line(exc, "") from None
+    OmegaConf.set_readonly(cfg, False)
+    return cfg  # a DictConfig typed by the schema; attribute access as on Config
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_container(cfg: Config) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def save_resolved(cfg: Config, folder: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved config into an output folder atomically."""
+    from fla_ds.atomic import atomic_write_text
+
+    path = Path(folder) / name
+    atomic_write_text(path, to_yaml(cfg))
+    return path
