@@ -126,7 +126,16 @@ class BenchConfig:
 
 
 @dataclass
+class DemoConfig:
+    out: str = "demo-out"
+    """Everything the demo makes goes under this folder (synth/, shards/, ...)."""
+    epochs: int = 2
+    """Epochs of batches streamed."""
+
+
+@dataclass
 class Config:
+    demo: DemoConfig = field(default_factory=DemoConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)

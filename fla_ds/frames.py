@@ -56,7 +56,7 @@ def read_frame_folder(folder: FrameFolder) -> list[Image.Image]:
                 im.load()
                 frames.append(im.convert("RGB"))
         except Exception:
-            raise SampleError(f"corrupt image {f.name}") from None
+            raise SampleError(f"corrupt image ({f.name})") from None
     return frames
 
 
@@ -181,6 +181,6 @@ def encode_clip(frames: Sequence[Image.Image], short_side: int, quality: int) ->
     resized = [resize_short_side(f, short_side) for f in frames]
     sizes = {im.size for im in resized}
     if len(sizes) != 1:
-        raise SampleError(f"frames of different sizes {sorted(sizes)}")
+        raise SampleError(f"frames of different sizes ({sorted(sizes)})")
     width, height = resized[0].size
     return pack_frames([encode_jpeg(im, quality) for im in resized]), width, height

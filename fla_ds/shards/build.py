@@ -1,0 +1,395 @@
+"""Corpus -> WebDataset shards: ``fla-ds shards build``.
+
+The build has two phases. Planning reads the annotations only: texts are checked (empty,
+non-UTF-8, mojibake repaired), duplicate ids are rejected, samples are put in a seeded order
+and cut into shards of ``samples_per_shard`` input samples. Encoding then turns each planned
+shard into ``<split>-%06d.tar`` in a worker process; samples whose frames cannot be read are
+rejected there. Because a shard's bytes depend only on its planned samples and the settings,
+the output is byte-identical whatever the worker count, and a Slurm job array can build
+disjoint shard ranges that a final run indexes.
+
+Restartability: a shard is written to a temporary name and renamed, then its record
+(``.parts/<split>-%06d.json``) is written; a rerun skips shards whose record and tar agree,
+so a killed build resumes where it stopped. The index and rejects are written at the end.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import random
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterator, Optional
+
+from fla_ds.atomic import atomic_write_json, atomic_write_text, tmp_name
+from fla_ds.config import save_resolved
+from fla_ds.corpus import open_corpus
+from fla_ds.corpus.base import CorpusSample, canonical_split, clean_text, safe_key, sha256_file
+from fla_ds.frames import SampleError, decode_source, encode_clip
+from fla_ds.shards.format import ShardWriter
+
+BUILDER_VERSION = 1
+# Settings that change the bytes of a shard; anything else (workers, paths) must not.
+BYTE_SETTINGS = ("samples_per_shard", "short_side", "jpeg_quality", "order_seed", "max_frames")
+
+
+class BuildError(ValueError):
+    """The build cannot go on (e.g. the folder holds another build); one line."""
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    position: int
+    """Index in the corpus's own order (reported in rejects)."""
+    key: str
+    sample: CorpusSample
+    mojibake_repaired: bool = False
+
+
+@dataclass
+class Plan:
+    corpus: str
+    split: str
+    shards: list[list[PlannedSample]]
+    rejects: list[dict] = field(default_factory=list)
+    repaired: Counter = field(default_factory=Counter)
+    sources: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    fingerprint: str = ""
+
+    def shard_name(self, index: int) -> str:
+        return f"{self.split}-{index:06d}.tar"
+
+
+# ------------------------------------------------------------------------------ planning
+
+
+def reject_record(split: str, sample: CorpusSample, position: int, reason: str) -> dict:
+    return {"split": split, "id": sample.id, "position": position, "reason": reason, "source": str(getattr(sample.frames, "path", ""))}
+
+
+def check_samples(samples: Iterator[CorpusSample], split: str) -> tuple[list[PlannedSample], list[dict], Counter]:
+    """The cheap checks of planning: text and duplicate ids."""
+    kept, rejects, repaired = [], [], Counter()
+    seen_ids: set[str] = set()
+    seen_keys: set[str] = set()
+    for position, sample in enumerate(samples):
+        text, outcome = clean_text(sample.text)
+        if text is None:
+            rejects.append(reject_record(split, sample, position, outcome))
+            continue
+        key = safe_key(sample.id)
+        if sample.id in seen_ids or key in seen_keys:
+            rejects.append(reject_record(split, sample, position, "duplicate id"))
+            continue
+        seen_ids.add(sample.id)
+        seen_keys.add(key)
+        if outcome == "repaired":
+            repaired["mojibake"] += 1
+        kept.append(PlannedSample(position, key, replace(sample, text=text), outcome == "repaired"))
+    return kept, rejects, repaired
+
+
+def seeded_order(samples: list[PlannedSample], seed: Optional[int]) -> list[PlannedSample]:
+    """Mix the corpus so that one shard holds many signers and days (corpora list samples
+    sorted by date or signer); the order depends on the seed alone."""
+    if seed is None:
+        return list(samples)
+    order = list(samples)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def plan_fingerprint(corpus: str, split: str, settings: dict, shards: list[list[PlannedSample]]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"builder": BUILDER_VERSION, "corpus": corpus, "split": split, "settings": settings}, sort_keys=True).encode())
+    for shard in shards:
+        h.update(b"\x00shard")
+        for s in shard:
+            h.update(b"\x00" + s.key.encode() + b"\x01" + str(s.sample.text).encode())
+    return h.hexdigest()
+
+
+def make_plan(cfg) -> Plan:
+    reader = open_corpus(cfg.corpus)
+    split = canonical_split(cfg.corpus.split)
+    kept, rejects, repaired = check_samples(reader.samples(), split)
+    ordered = seeded_order(kept, cfg.shards.order_seed)
+    per = cfg.shards.samples_per_shard
+    if per < 1:
+        raise BuildError(f"shards.samples_per_shard must be >= 1, got {per}")
+    shards = [ordered[i : i + per] for i in range(0, len(ordered), per)]
+    settings = {k: cfg.shards[k] for k in BYTE_SETTINGS}
+    root = Path(cfg.corpus.root)
+    sources = {_relative(p, root): sha256_file(p) for p in reader.source_files()}
+    plan = Plan(cfg.corpus.name, split, shards, rejects, repaired, sources, settings)
+    plan.fingerprint = plan_fingerprint(plan.corpus, split, settings, shards)
+    return plan
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+# ------------------------------------------------------------------------------ encoding
+
+
+def part_path(out: Path, split: str, index: int) -> Path:
+    return out / ".parts" / f"{split}-{index:06d}.json"
+
+
+def shard_is_done(out: Path, plan: Plan, index: int) -> Optional[dict]:
+    """The shard's record when the shard was completed by this same plan, else None."""
+    record_path = part_path(out, plan.split, index)
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text("utf-8"))
+    tar = out / record["name"]
+    if record.get("fingerprint") != plan.fingerprint or not tar.is_file() or tar.stat().st_size != record["bytes"]:
+        return None
+    return record
+
+
+def sample_meta(planned: PlannedSample, corpus: str, split: str, num_frames: int, width: int, height: int) -> dict:
+    s = planned.sample
+    return {
+        "id": s.id,
+        "text": s.text,
+        "num_frames": num_frames,
+        "width": width,
+        "height": height,
+        "corpus": corpus,
+        "split": split,
+        "meta": json.loads(json.dumps(s.meta, default=str)),
+    }
+
+
+def encode_sample(planned: PlannedSample, settings: dict) -> tuple[bytes, int, int, int, dict]:
+    frames, facts = decode_source(planned.sample.frames)
+    if settings["max_frames"] and len(frames) > settings["max_frames"]:
+        raise SampleError(f"too many frames ({len(frames)} > shards.max_frames={settings['max_frames']})")
+    pack, width, height = encode_clip(frames, settings["short_side"], settings["jpeg_quality"])
+    return pack, len(frames), width, height, facts
+
+
+def build_shard(out: Path, plan_meta: dict, index: int, samples: list[PlannedSample]) -> dict:
+    """Encode one planned shard; runs in a worker process. Returns (and saves) its record."""
+    split, settings = plan_meta["split"], plan_meta["settings"]
+    name = f"{split}-{index:06d}.tar"
+    final = out / name
+    for stale in out.glob(f".{name}.*.tmp"):  # a killed earlier attempt at this shard
+        stale.unlink(missing_ok=True)
+    tmp = tmp_name(final)
+    rejects, repaired = [], Counter()
+    n_samples = n_frames = 0
+    with open(tmp, "wb") as f:
+        writer = ShardWriter(f)
+        for planned in samples:
+            try:
+                pack, count, width, height, facts = encode_sample(planned, settings)
+            except SampleError as exc:
+                rejects.append(reject_record(split, planned.sample, planned.position, str(exc)))
+                continue
+            if facts.get("end_clamped"):
+                repaired["end_clamped"] += 1
+            writer.write(planned.key, sample_meta(planned, plan_meta["corpus"], split, count, width, height), pack)
+            n_samples += 1
+            n_frames += count
+        writer.close()
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    record = {
+        "name": name,
+        "index": index,
+        "samples": n_samples,
+        "frames": n_frames,
+        "bytes": final.stat().st_size,
+        "sha256": sha256_file(final),
+        "rejects": rejects,
+        "repaired": dict(repaired),
+        "fingerprint": plan_meta["fingerprint"],
+    }
+    atomic_write_json(part_path(out, split, index), record)
+    return record
+
+
+# ------------------------------------------------------------------------------ the build
+
+
+def parse_range(text: str, count: int) -> range:
+    if not text:
+        return range(count)
+    try:
+        start, stop = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise BuildError(f"shards.shard_range '{text}' is not of the form a:b") from None
+    if not 0 <= start <= stop:
+        raise BuildError(f"shards.shard_range '{text}' is empty or negative")
+    return range(start, min(stop, count))
+
+
+def check_plan_matches(out: Path, plan: Plan) -> None:
+    """Refuse to mix two different builds in one folder (never overwrite someone's shards)."""
+    plan_file = out / ".parts" / f"{plan.split}.plan.json"
+    if plan_file.is_file():
+        previous = json.loads(plan_file.read_text("utf-8"))
+        if previous.get("fingerprint") != plan.fingerprint:
+            raise BuildError(
+                f"{out} already holds {plan.split} shards of a different build (corpus or shard settings changed); "
+                f"use another --out or delete {out}/{plan.split}-*.tar and {plan_file}"
+            )
+    else:
+        atomic_write_json(plan_file, {"fingerprint": plan.fingerprint, "settings": plan.settings, "shards": len(plan.shards)})
+
+
+def run_jobs(out: Path, plan: Plan, todo: list[int], workers: int, progress) -> dict[int, dict]:
+    plan_meta = {"split": plan.split, "settings": plan.settings, "corpus": plan.corpus, "fingerprint": plan.fingerprint}
+    records: dict[int, dict] = {}
+    if workers <= 1 or len(todo) <= 1:
+        for i in todo:
+            records[i] = build_shard(out, plan_meta, i, plan.shards[i])
+            progress.update(len(plan.shards[i]))
+        return records
+    # spawn, not fork: the parent may hold threads (tqdm, decoders) that fork would copy locked.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        pending = {pool.submit(build_shard, out, plan_meta, i, plan.shards[i]): i for i in todo}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    i = pending.pop(fut)
+                    records[i] = fut.result()
+                    progress.update(len(plan.shards[i]))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return records
+
+
+@contextmanager
+def folder_lock(out: Path):
+    """Serialise index updates of builds (e.g. several splits) sharing one folder."""
+    with open(out / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def split_index(plan: Plan, records: list[dict]) -> dict:
+    rejects = plan.rejects + [r for rec in records for r in rec["rejects"]]
+    repaired = Counter(plan.repaired)
+    for rec in records:
+        repaired.update(rec["repaired"])
+    return {
+        "corpus": plan.corpus,
+        "split": plan.split,
+        "builder_version": BUILDER_VERSION,
+        "settings": plan.settings,
+        "sources": plan.sources,
+        "plan_fingerprint": plan.fingerprint,
+        "shards": [{k: rec[k] for k in ("name", "samples", "frames", "bytes", "sha256")} for rec in records],
+        "samples": sum(rec["samples"] for rec in records),
+        "frames": sum(rec["frames"] for rec in records),
+        "bytes": sum(rec["bytes"] for rec in records),
+        "rejected": len(rejects),
+        "rejects_by_reason": dict(sorted(Counter(_reason_kind(r["reason"]) for r in rejects).items())),
+        "repaired": dict(sorted(repaired.items())),
+    }, sorted(rejects, key=lambda r: r["position"])
+
+
+def _reason_kind(reason: str) -> str:
+    """Reasons are a fixed phrase with details in parentheses: count by the phrase."""
+    return reason.split(" (")[0]
+
+
+def write_index(out: Path, split: str, entry: dict, rejects: list[dict]) -> None:
+    with folder_lock(out):
+        index_path = out / "index.json"
+        index = json.loads(index_path.read_text("utf-8")) if index_path.is_file() else {}
+        index.setdefault("format", "fla_ds.shards")
+        index.setdefault("splits", {})[split] = entry
+        atomic_write_json(index_path, index)
+        rejects_path = out / "rejects.jsonl"
+        others = []
+        if rejects_path.is_file():
+            others = [json.loads(line) for line in rejects_path.read_text("utf-8").splitlines() if line.strip()]
+            others = [r for r in others if r.get("split") != split]
+        lines = [json.dumps(r, ensure_ascii=False, sort_keys=True) for r in others + rejects]
+        atomic_write_text(rejects_path, "".join(line + "\n" for line in lines))
+
+
+@dataclass
+class BuildSummary:
+    split: str
+    shards_total: int
+    shards_built: int
+    shards_skipped: int
+    index: Optional[dict]
+    seconds: float
+    frames_built: int
+
+    def lines(self) -> list[str]:
+        out = [f"split {self.split}: {self.shards_built} shards built, {self.shards_skipped} already complete, of {self.shards_total}"]
+        if self.index is None:
+            out.append("partial build (shards.shard_range): run once more without a range to write the index")
+        else:
+            ix = self.index
+            reasons = ", ".join(f"{n} {r}" for r, n in ix["rejects_by_reason"].items()) or "none"
+            fixes = ", ".join(f"{n} {r}" for r, n in ix["repaired"].items()) or "none"
+            out.append(f"kept {ix['samples']} samples ({ix['frames']} frames, {ix['bytes'] / 1e6:.1f} MB), rejected {ix['rejected']} ({reasons}), repaired {fixes}")
+        rate = self.frames_built / self.seconds if self.seconds > 0 else 0.0
+        out.append(f"encoded {self.frames_built} frames in {self.seconds:.1f} s ({rate:.0f} frames/s)")
+        return out
+
+
+def build_shards(cfg, progress_bar: bool = True) -> BuildSummary:
+    """Plan, encode the shards that are not complete yet, and (for a full range) index."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    out = Path(cfg.shards.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".parts").mkdir(exist_ok=True)
+    plan = make_plan(cfg)
+    check_plan_matches(out, plan)
+    selected = parse_range(cfg.shards.shard_range, len(plan.shards))
+    records = {i: rec for i in selected if (rec := shard_is_done(out, plan, i)) is not None}
+    todo = [i for i in selected if i not in records]
+    total = sum(len(plan.shards[i]) for i in todo)
+    with tqdm(total=total, unit="clip", desc=f"shards {plan.split}", disable=None if progress_bar else True) as progress:
+        built = run_jobs(out, plan, todo, cfg.shards.workers, progress)
+    frames_built = sum(rec["frames"] for rec in built.values())
+    records.update(built)
+    index = None
+    if not cfg.shards.shard_range:
+        entry, rejects = split_index(plan, [records[i] for i in range(len(plan.shards))])
+        write_index(out, plan.split, entry, rejects)
+        save_resolved(cfg, out, f"config.{plan.split}.yaml")
+        index = entry
+    return BuildSummary(plan.split, len(plan.shards), len(built), len(selected) - len(built), index, time.perf_counter() - started, frames_built)
+
+
+def load_index(folder: str | os.PathLike, split: str) -> dict:
+    """The index entry of one split, with a one-line error when it is missing."""
+    path = Path(folder) / "index.json"
+    if not path.is_file():
+        raise BuildError(f"{path} does not exist: build the shards first (fla-ds shards build)")
+    index = json.loads(path.read_text("utf-8"))
+    splits = index.get("splits", {})
+    split = canonical_split(split)
+    if split not in splits:
+        raise BuildError(f"{path} has no split '{split}' (it has: {', '.join(sorted(splits)) or 'none'})")
+    return splits[split]

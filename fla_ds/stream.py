@@ -1,0 +1,282 @@
+"""Shards -> batches on every rank: the streaming loader.
+
+Who reads what is planned, not discovered. From the index (samples per shard), the seed and
+the epoch, every process computes the same epoch order: shards in a seeded order, samples
+permuted inside each shard. Ranks take equal contiguous slices of that order, so **every rank
+gets the same number of batches** whatever the shard sizes (unequal counts deadlock collective
+training): training drops the remainder (fewer than ranks x batch samples, different ones
+each epoch), evaluation pads the last ranks with repeats marked ``valid=False`` so that every
+sample is seen exactly once. A rank's batches are dealt to its DataLoader workers in
+contiguous blocks (each worker reads each shard it needs once, start to finish) and the
+DataLoader's round-robin interleaves them into the rank's batch order.
+
+Mid-epoch resume (``state_dict``/``load_state_dict``, saved in every checkpoint): the state is
+the epoch and how many batches were consumed. The guarantee:
+- with the same ranks, batch size and workers, the resumed epoch continues with exactly the
+  batches, in the order and with the augmentation, an uninterrupted run would have produced;
+- with any of those changed, the samples not yet consumed are re-planned over the new layout:
+  no sample is repeated and none is skipped (beyond the training remainder described above).
+Augmentation draws from a random generator seeded by (seed, epoch, shard, position), so it does
+not depend on which worker or rank decodes a sample.
+"""
+from __future__ import annotations
+
+import io
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from fla_ds.augment import center_crop, clip_to_tensor, collate_clips, crop_affine, sample_frame_indices, warp_frame
+from fla_ds.shards import load_index
+from fla_ds.shards.format import ShardFormatError, iter_raw_samples, parse_sample
+
+Ref = tuple[int, int]  # (shard number in the index, sample position in that shard)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an epoch's samples are spread: it must match for an exact resume."""
+
+    world_size: int
+    batch_size: int
+    workers: int
+
+
+# ------------------------------------------------------------------ planning (pure functions)
+
+
+def epoch_order(counts: list[int], seed: int, epoch: int, shuffle: bool) -> list[Ref]:
+    """Every sample of the split once, in this epoch's order (the same on every process)."""
+    if not shuffle:
+        return [(s, i) for s, n in enumerate(counts) for i in range(n)]
+    # str seeds are hashed with SHA-512 by random.Random: stable across processes and runs.
+    rng = random.Random(f"fla_ds-epoch:{seed}:{epoch}")
+    shards = list(range(len(counts)))
+    rng.shuffle(shards)
+    order = []
+    for s in shards:
+        positions = list(range(counts[s]))
+        rng.shuffle(positions)
+        order.extend((s, i) for i in positions)
+    return order
+
+
+def rank_batches(order: list[Ref], layout: Layout, rank: int, train: bool) -> list[list[tuple[Ref, bool]]]:
+    """This rank's batches of (ref, valid); every rank gets the same count and shapes."""
+    r, b = layout.world_size, layout.batch_size
+    if train:
+        per_rank = (len(order) // (r * b)) * b
+        mine = [(ref, True) for ref in order[rank * per_rank : (rank + 1) * per_rank]]
+    else:
+        per_rank = -(-len(order) // r)
+        mine = [(ref, True) for ref in order[rank * per_rank : (rank + 1) * per_rank]]
+        if order:
+            filler = mine[-1][0] if mine else order[-1]
+            mine += [(filler, False)] * (per_rank - len(mine))
+    return [mine[i : i + b] for i in range(0, len(mine), b)]
+
+
+def worker_blocks(total: int, workers: int) -> list[range]:
+    """Contiguous blocks of batch numbers, the first ``total % workers`` one longer."""
+    q, rem = divmod(total, workers)
+    blocks, start = [], 0
+    for w in range(workers):
+        size = q + (1 if w < rem else 0)
+        blocks.append(range(start, start + size))
+        start += size
+    return blocks
+
+
+def batch_of_step(step: int, total: int, workers: int) -> int:
+    """The batch number yielded at ``step`` when the DataLoader round-robins over the blocks:
+    step k comes from block k % workers, its (k // workers)-th batch."""
+    return worker_blocks(total, workers)[step % workers][step // workers]
+
+
+def consumed_refs(order: list[Ref], layout: Layout, steps: int, train: bool) -> set[Ref]:
+    """Samples that all ranks together consumed in ``steps`` steps under ``layout``."""
+    used: set[Ref] = set()
+    for rank in range(layout.world_size):
+        batches = rank_batches(order, layout, rank, train)
+        for k in range(min(steps, len(batches))):
+            used.update(ref for ref, valid in batches[batch_of_step(k, len(batches), layout.workers)] if valid)
+    return used
+
+
+def remaining_order(order: list[Ref], history: list[tuple[Layout, int]], train: bool) -> list[Ref]:
+    """The epoch order minus what earlier layouts consumed (before a resume changed layout)."""
+    for layout, steps in history:
+        used = consumed_refs(order, layout, steps, train)
+        order = [ref for ref in order if ref not in used]
+    return order
+
+
+# ------------------------------------------------------------------ reading and decoding
+
+
+class _EpochDataset(IterableDataset):
+    """One rank's batches of one epoch, from ``start_step`` on; each worker takes every
+    ``workers``-th step, so that the DataLoader's round-robin yields them in step order."""
+
+    def __init__(self, shard_paths: list[str], batches: list, start_step: int, workers: int, epoch: int, cfg):
+        self.shard_paths, self.batches, self.start_step = shard_paths, batches, start_step
+        self.workers, self.epoch, self.cfg = workers, epoch, cfg
+
+    def my_steps(self) -> list[int]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        total = len(self.batches)
+        # A resumed loader restarts at worker 0: rotate so worker 0 serves step start_step.
+        return [k for k in range(self.start_step + worker, total, max(1, self.workers))]
+
+    def __iter__(self) -> Iterator[dict]:
+        total, workers = len(self.batches), max(1, self.workers)
+        chosen = [(k, self.batches[batch_of_step(k, total, workers)]) for k in self.my_steps()]
+        raw = _RunReader(self.shard_paths, [ref for _, batch in chosen for ref, _ in batch])
+        for k, batch in chosen:
+            yield self._collate(k, [(self.decode_sample(ref, raw.take(ref)), valid) for ref, valid in batch])
+
+    def decode_sample(self, ref: Ref, raw: dict) -> dict:
+        shard = self.shard_paths[ref[0]]
+        meta, pack = parse_sample(shard, raw)
+        cfg = self.cfg
+        rng = random.Random(f"fla_ds-sample:{cfg.seed}:{self.epoch}:{ref[0]}:{ref[1]}")
+        indices = sample_frame_indices(len(pack), rng, cfg.keep_ratio, cfg.stride_jitter, cfg.max_frames, cfg.train)
+        coeffs = crop_affine(meta["width"], meta["height"], cfg.crop_size, rng, cfg.crop_scale_min, cfg.max_rotation, cfg.train)
+        frames = []
+        for i in indices:
+            with Image.open(io.BytesIO(pack.jpeg(i))) as im:
+                im = im.convert("RGB")
+                exact = None if cfg.train else center_crop(im, cfg.crop_size)
+                frames.append(exact if exact is not None else warp_frame(im, coeffs, cfg.crop_size))
+        return {"video": clip_to_tensor(frames), "id": meta["id"], "text": meta["text"], "num_frames": len(pack)}
+
+    def _collate(self, step: int, items: list[tuple[dict, bool]]) -> dict:
+        video, mask = collate_clips([s["video"] for s, _ in items])
+        return {
+            "video": video,
+            "video_mask": mask,
+            "text": [s["text"] for s, _ in items],
+            "id": [s["id"] for s, _ in items],
+            "valid": torch.tensor([v for _, v in items]),
+            "step": step,
+            "epoch": self.epoch,
+        }
+
+
+class _RunReader:
+    """Raw samples in the order a worker needs them: each run of consecutive samples from
+    one shard is read in one pass over that shard, keeping only those samples (raw bytes, at
+    most one shard's worth in memory)."""
+
+    def __init__(self, shard_paths: list[str], refs: list[Ref]):
+        self.shard_paths, self.pending = shard_paths, refs
+        self.cursor = 0
+        self.cache: dict[Ref, dict] = {}
+        self.uses = Counter(refs)  # evaluation padding repeats a sample
+
+    def take(self, ref: Ref) -> dict:
+        while ref not in self.cache:
+            if self.cursor >= len(self.pending):
+                raise KeyError(f"sample {ref} was not planned for this worker")
+            self._read_next_run()
+        self.uses[ref] -= 1
+        return self.cache[ref] if self.uses[ref] > 0 else self.cache.pop(ref)
+
+    def _read_next_run(self) -> None:
+        shard = self.pending[self.cursor][0]
+        end = self.cursor
+        while end < len(self.pending) and self.pending[end][0] == shard:
+            end += 1
+        wanted = {pos for _, pos in self.pending[self.cursor : end]}
+        path = self.shard_paths[shard]
+        for raw in iter_raw_samples(path, wanted):
+            self.cache[(shard, raw["__pos__"])] = raw
+        if any((shard, pos) not in self.cache for pos in wanted):
+            raise ShardFormatError(f"{path}: has fewer samples than its index entry says")
+        self.cursor = end
+
+
+# ------------------------------------------------------------------ the loader
+
+
+class ShardStream:
+    """The batches of one split for one rank, epoch after epoch, resumable mid-epoch.
+
+    Usage: ``stream = ShardStream(cfg.stream, rank, world_size)``; per epoch
+    ``stream.set_epoch(e)`` then ``for batch in stream``; checkpoint ``stream.state_dict()``.
+    """
+
+    def __init__(self, cfg, rank: int = 0, world_size: int = 1, shuffle: Optional[bool] = None):
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.shuffle = cfg.train if shuffle is None else shuffle
+        index = load_index(cfg.shards, cfg.split)
+        folder = Path(cfg.shards)
+        self.shard_paths = [str(folder / s["name"]) for s in index["shards"]]
+        self.counts = [s["samples"] for s in index["shards"]]
+        self.fingerprint = index["plan_fingerprint"]
+        self.layout = Layout(world_size, cfg.batch_size, cfg.num_workers)
+        self.epoch = 0
+        self.history: list[tuple[Layout, int]] = []  # layouts of this epoch before a resume
+        self.start_step = 0
+        self.steps_done = 0
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.history, self.start_step, self.steps_done = epoch, [], 0, 0
+
+    def _batches(self) -> list:
+        order = epoch_order(self.counts, self.cfg.seed, self.epoch, self.shuffle)
+        order = remaining_order(order, self.history, self.cfg.train)
+        return rank_batches(order, self.layout, self.rank, self.cfg.train)
+
+    def __len__(self) -> int:
+        """Batches left in this epoch on this rank (the same on every rank)."""
+        return len(self._batches()) - self.steps_done
+
+    def __iter__(self) -> Iterator[dict]:
+        batches = self._batches()
+        workers = self.cfg.num_workers
+        dataset = _EpochDataset(self.shard_paths, batches, self.steps_done, workers, self.epoch, self.cfg)
+        if workers > 0 and len(batches) > self.steps_done:
+            loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
+        else:
+            loader = dataset
+        for batch in loader:
+            if batch["step"] != self.steps_done:  # the resume guarantee rests on this order
+                raise RuntimeError(f"loader yielded step {batch['step']} where {self.steps_done} was due")
+            self.steps_done += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "steps_done": self.steps_done,
+            "layout": [self.layout.world_size, self.layout.batch_size, self.layout.workers],
+            "history": [[l.world_size, l.batch_size, l.workers, n] for l, n in self.history],
+            "seed": self.cfg.seed,
+            "fingerprint": self.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["fingerprint"] != self.fingerprint or state["seed"] != self.cfg.seed:
+            raise ValueError("loader state belongs to other shards or another seed; cannot resume this epoch exactly")
+        self.epoch = int(state["epoch"])
+        self.history = [(Layout(*h[:3]), int(h[3])) for h in state["history"]]
+        saved = Layout(*state["layout"])
+        if saved == self.layout:
+            self.steps_done = int(state["steps_done"])
+        else:  # the layout changed: what was consumed under the old one is history now
+            self.history.append((saved, int(state["steps_done"])))
+            self.steps_done = 0
