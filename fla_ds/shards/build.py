@@ -82,6 +82,8 @@ def check_samples(samples: Iterator[CorpusSample], split: str) -> tuple[list[Pla
     seen_keys: set[str] = set()
     for position, sample in enumerate(samples):
         text, outcome = clean_text(sample.text)
+        if sample.meta.get("label_missing"):  # listed in the split file, absent from the labels
+            text, outcome = None, "missing label"
         if text is None:
             rejects.append(reject_record(split, sample, position, outcome))
             continue
@@ -135,8 +137,10 @@ def make_plan(cfg) -> Plan:
 
 
 def _relative(path: Path, root: Path) -> str:
+    base = root.resolve()
+    base = base.parent if base.is_file() else base
     try:
-        return str(Path(path).resolve().relative_to(root.resolve()))
+        return str(Path(path).resolve().relative_to(base))
     except ValueError:
         return str(path)
 
@@ -227,16 +231,15 @@ def build_shard(out: Path, plan_meta: dict, index: int, samples: list[PlannedSam
 # ------------------------------------------------------------------------------ the build
 
 
-def parse_range(text: str, count: int) -> range:
-    if not text:
-        return range(count)
-    try:
-        start, stop = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise BuildError(f"shards.shard_range '{text}' is not of the form a:b") from None
-    if not 0 <= start <= stop:
-        raise BuildError(f"shards.shard_range '{text}' is empty or negative")
-    return range(start, min(stop, count))
+def is_partial(cfg) -> bool:
+    return cfg.shards.first_shard != 0 or cfg.shards.num_shards != 0
+
+
+def selected_shards(cfg, count: int) -> range:
+    first, num = cfg.shards.first_shard, cfg.shards.num_shards
+    if first < 0 or num < 0:
+        raise BuildError(f"shards.first_shard and shards.num_shards must be >= 0, got {first} and {num}")
+    return range(min(first, count), count if num == 0 else min(count, first + num))
 
 
 def check_plan_matches(out: Path, plan: Plan) -> None:
@@ -344,7 +347,7 @@ class BuildSummary:
     def lines(self) -> list[str]:
         out = [f"split {self.split}: {self.shards_built} shards built, {self.shards_skipped} already complete, of {self.shards_total}"]
         if self.index is None:
-            out.append("partial build (shards.shard_range): run once more without a range to write the index")
+            out.append("partial build (shards.first_shard/num_shards): run once more without a range to write the index")
         else:
             ix = self.index
             reasons = ", ".join(f"{n} {r}" for r, n in ix["rejects_by_reason"].items()) or "none"
@@ -365,7 +368,7 @@ def build_shards(cfg, progress_bar: bool = True) -> BuildSummary:
     (out / ".parts").mkdir(exist_ok=True)
     plan = make_plan(cfg)
     check_plan_matches(out, plan)
-    selected = parse_range(cfg.shards.shard_range, len(plan.shards))
+    selected = selected_shards(cfg, len(plan.shards))
     records = {i: rec for i in selected if (rec := shard_is_done(out, plan, i)) is not None}
     todo = [i for i in selected if i not in records]
     total = sum(len(plan.shards[i]) for i in todo)
@@ -374,7 +377,7 @@ def build_shards(cfg, progress_bar: bool = True) -> BuildSummary:
     frames_built = sum(rec["frames"] for rec in built.values())
     records.update(built)
     index = None
-    if not cfg.shards.shard_range:
+    if not is_partial(cfg):
         entry, rejects = split_index(plan, [records[i] for i in range(len(plan.shards))])
         write_index(out, plan.split, entry, rejects)
         save_resolved(cfg, out, f"config.{plan.split}.yaml")
