@@ -58,8 +58,11 @@ class ShardsConfig:
     signers and days; null keeps the corpus order."""
     max_frames: int = 0
     """Drop clips longer than this many frames (0: no limit)."""
-    shard_range: str = ""
-    """'a:b' builds only shards a..b-1 (Slurm job arrays); empty builds all and the index."""
+    first_shard: int = 0
+    num_shards: int = 0
+    """With either set, build only shards first_shard .. first_shard+num_shards-1 (0: to the
+    end) and no index: Slurm job arrays split a build this way. A run without a range builds
+    what is missing and writes the index."""
 
 
 @dataclass

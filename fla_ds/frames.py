@@ -70,26 +70,33 @@ def read_video(video: VideoFile) -> tuple[list[Image.Image], dict]:
         raise SampleError("missing video file")
     facts: dict = {}
     frames: list[Image.Image] = []
+    decoded = declared = 0
+    stopped_at_end = False
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise SampleError("unreadable video: no video stream")
+                raise SampleError("unreadable video (no video stream)")
             stream = container.streams.video[0]
+            declared = stream.frames or 0
             last_time = None
             for frame in container.decode(stream):
+                decoded += 1
                 t = float(frame.time) if frame.time is not None else None
                 last_time = t
                 if video.start is not None and t is not None and t < video.start:
                     continue
                 if video.end is not None and t is not None and t >= video.end:
+                    stopped_at_end = True
                     break
                 frames.append(frame.to_image())
     except SampleError:
         raise
     except Exception as exc:  # FFmpeg raises many types for broken input
         if frames:
-            raise SampleError(f"truncated video ({type(exc).__name__} after {len(frames)} frames)") from None
+            raise SampleError(f"truncated video ({type(exc).__name__} after {decoded} frames)") from None
         raise SampleError(f"unreadable video ({type(exc).__name__})") from None
+    if not stopped_at_end and declared and decoded < declared:
+        raise SampleError(f"truncated video (decoded {decoded} of {declared} frames)")
     if video.start is not None and last_time is not None and video.start > last_time:
         raise SampleError("clip start past end of video")
     if video.end is not None and last_time is not None and video.end > last_time + 1e-6 and frames:
