@@ -4,29 +4,29 @@ Temporal: keep ``keep_ratio`` of the frames (the paper's T/4). Training draws a 
 and jitters each kept frame by up to ``stride_jitter`` of the stride; evaluation takes the
 centres of equal segments. A cap bounds the frames per clip.
 
-Spatial: training takes one random crop (scale jittered around the evaluation crop, small
-aspect change, position anywhere it fits) and one small rotation per clip, the same for all
-its frames, as a single PIL affine warp per frame (one pass over uint8 pixels; much cheaper
-than float tensors on CPU). Evaluation takes the centre crop. The crop side is
-``crop_size / 256`` of the frame's short side, so shards built with the default short side 256
-give exact 224x224 centre crops.
+Spatial, split in two so the CPU loader stays as fast as JPEG decoding (a PIL warp per frame
+costs 3-4x the decode itself; docs/benchmarks.md): the loader draws every random parameter
+(one per clip, the same for all its frames) and cuts an exact-pixel square "canvas" at a
+random place; ``to_model_input`` then applies the random resized crop and the small rotation
+as one batched ``grid_sample`` on the training device, and normalises. Evaluation cuts the
+exact centre crop in the loader and needs no warp. The crop side is ``crop_fraction`` (224/256)
+of the frame's short side, so shards built with the default short side 256 give exact 224x224
+centre crops, and training crops are scaled around them.
 
-Normalisation is not done here: batches stay uint8 (4x less to copy between processes) and
-``normalize`` runs on the training device.
+Batches stay uint8 and channels-last until the device (4x less to copy between processes).
 """
 from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-REFERENCE_SHORT_SIDE = 256
 
 
 def sample_frame_indices(num_frames: int, rng: random.Random, keep_ratio: float, jitter: float, max_frames: int, train: bool) -> list[int]:
@@ -42,63 +42,67 @@ def sample_frame_indices(num_frames: int, rng: random.Random, keep_ratio: float,
     return sorted(min(num_frames - 1, max(0, int(p))) for p in picks)
 
 
-def eval_crop_side(width: int, height: int, crop_size: int) -> float:
+def eval_crop_side(width: int, height: int, crop_fraction: float) -> int:
     short = min(width, height)
-    return min(short, short * crop_size / REFERENCE_SHORT_SIDE)
+    return max(1, min(short, round(short * crop_fraction)))
 
 
-def crop_affine(width: int, height: int, crop_size: int, rng: random.Random, scale_min: float, max_rotation: float, train: bool) -> tuple:
-    """PIL AFFINE coefficients mapping output pixels to input pixels for this clip's crop."""
-    side = eval_crop_side(width, height, crop_size)
-    cw = ch = side
-    cx, cy = width / 2, height / 2
-    angle = 0.0
-    if train:
-        area = rng.uniform(scale_min, 1.0 / scale_min) if scale_min < 1 else 1.0
-        aspect = math.exp(rng.uniform(math.log(0.9), math.log(1.1)))
-        cw = min(width, side * math.sqrt(area * aspect))
-        ch = min(height, side * math.sqrt(area / aspect))
-        cx = rng.uniform(cw / 2, width - cw / 2)
-        cy = rng.uniform(ch / 2, height - ch / 2)
-        angle = math.radians(rng.uniform(-max_rotation, max_rotation))
-    s = crop_size
-    a, b = math.cos(angle) * cw / s, -math.sin(angle) * ch / s
-    d, e = math.sin(angle) * cw / s, math.cos(angle) * ch / s
-    return (a, b, cx - (a + b) * s / 2, d, e, cy - (d + e) * s / 2)
+def center_box(width: int, height: int, side: int) -> tuple[int, int, int, int]:
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
 
 
-def warp_frame(image: Image.Image, coeffs: tuple, size: int) -> np.ndarray:
-    warped = image.transform((size, size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
-    return np.asarray(warped)
+def eval_crop(width: int, height: int, crop_fraction: float) -> tuple[int, int, int, int]:
+    """The exact-pixel centre crop of evaluation (resized to crop_size on the device only
+    where its side differs)."""
+    return center_box(width, height, eval_crop_side(width, height, crop_fraction))
 
 
-def center_crop(image: Image.Image, size: int) -> np.ndarray | None:
-    """Exact pixels when the frame allows a centre crop of this side; None otherwise."""
-    side = eval_crop_side(image.width, image.height, size)
-    if abs(side - size) > 1e-6:
-        return None
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)))
+def train_crop(width: int, height: int, crop_fraction: float, rng: random.Random, scale_min: float, max_rotation: float) -> tuple[tuple[int, int, int, int], list[list[float]]]:
+    """A random canvas (the frame's largest square, at a random place along the long side) and
+    the affine matrix, in grid_sample's normalised coordinates, of a random resized and
+    rotated crop inside it: area scaled by [scale_min, 1/scale_min] around the evaluation
+    crop, aspect within 0.9..1.1, anywhere it fits, rotated by up to max_rotation degrees."""
+    canvas = min(width, height)
+    left = rng.randint(0, width - canvas)
+    top = rng.randint(0, height - canvas)
+    side = eval_crop_side(width, height, crop_fraction)
+    area = rng.uniform(scale_min, 1.0 / scale_min) if scale_min < 1 else 1.0
+    aspect = math.exp(rng.uniform(math.log(0.9), math.log(1.1)))
+    cw = min(canvas, side * math.sqrt(area * aspect))
+    ch = min(canvas, side * math.sqrt(area / aspect))
+    cx = rng.uniform(cw / 2, canvas - cw / 2)
+    cy = rng.uniform(ch / 2, canvas - ch / 2)
+    angle = math.radians(rng.uniform(-max_rotation, max_rotation))
+    cos, sin = math.cos(angle), math.sin(angle)
+    theta = [[cos * cw / canvas, -sin * ch / canvas, 2 * cx / canvas - 1], [sin * cw / canvas, cos * ch / canvas, 2 * cy / canvas - 1]]
+    return (left, top, left + canvas, top + canvas), theta
 
 
-def clip_to_tensor(frames: Sequence[np.ndarray]) -> torch.Tensor:
-    """(T, H, W, 3) uint8 frames -> (T, 3, H, W) uint8 tensor."""
-    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
-
-
-def collate_clips(videos: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad clips to the longest: (B, T, 3, H, W) uint8 and a (B, T) mask, True on real frames."""
+def collate_clips(videos: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (T, H, W, 3) uint8 clips to the longest: (B, T, H, W, 3) and a (B, T) mask, True on
+    real frames."""
     lengths = torch.tensor([v.shape[0] for v in videos])
     t_max = int(lengths.max())
-    out = videos[0].new_zeros((len(videos), t_max, *videos[0].shape[1:]))
+    out = torch.zeros((len(videos), t_max, *videos[0].shape[1:]), dtype=torch.uint8)
     for i, v in enumerate(videos):
-        out[i, : v.shape[0]] = v
+        out[i, : v.shape[0]] = torch.from_numpy(v)
     mask = torch.arange(t_max)[None, :] < lengths[:, None]
     return out, mask
 
 
-def normalize(video: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> ImageNet-normalised float, on whatever device video is on."""
-    mean = torch.tensor(IMAGENET_MEAN, device=video.device, dtype=dtype).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=video.device, dtype=dtype).view(3, 1, 1)
-    return (video.to(dtype) / 255.0 - mean) / std
+def to_model_input(video: torch.Tensor, crop_size: int, affine: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, T, H, W, 3) on the device -> normalised (B, T, 3, S, S) float: the training
+    warp (``affine``: (B, 2, 3), one per clip), a resize where frames are not S x S, and
+    ImageNet normalisation."""
+    b, t, h, w, _ = video.shape
+    x = video.permute(0, 1, 4, 2, 3).reshape(b * t, 3, h, w).to(dtype) / 255.0
+    if affine is not None:
+        theta = affine.to(device=video.device, dtype=dtype).repeat_interleave(t, dim=0)
+        grid = F.affine_grid(theta, [b * t, 3, crop_size, crop_size], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    elif (h, w) != (crop_size, crop_size):
+        x = F.interpolate(x, size=(crop_size, crop_size), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=video.device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=video.device, dtype=dtype).view(1, 3, 1, 1)
+    return ((x - mean) / std).reshape(b, t, 3, crop_size, crop_size)

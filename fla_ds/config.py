@@ -87,6 +87,10 @@ class StreamConfig:
     max_frames: int = 300
     """Cap on frames per clip after temporal sampling."""
     crop_size: int = 224
+    """Side of the frames the model sees."""
+    crop_fraction: float = 0.875
+    """Side of the evaluation centre crop as a fraction of the frame's short side (224/256);
+    training crops are scaled around it."""
     crop_scale_min: float = 0.8
     """Training random resized crop: smallest area fraction kept."""
     max_rotation: float = 5.0
@@ -209,10 +213,12 @@ def load_config(config_file: Optional[str] = None, overrides: tuple[str, ...] | 
         if key not in all_keys():
             raise ConfigError(f"unknown config key '{key}'{_closest(key)}")
         try:
-            # from_dotlist parses the value as YAML scalars only (no evaluation).
+            # from_dotlist parses the value with omegaconf's safe YAML loader: python tags refused.
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
         except OmegaConfBaseException as exc:
             raise _one_line(exc, "") from None
+        except Exception as exc:  # yaml errors
+            raise ConfigError(f"bad value for config key '{key}': {str(exc).splitlines()[0]}") from None
     OmegaConf.set_readonly(cfg, False)
     return cfg  # a DictConfig typed by the schema; attribute access as on Config
 

@@ -28,11 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from fla_ds.augment import center_crop, clip_to_tensor, collate_clips, crop_affine, sample_frame_indices, warp_frame
+from fla_ds.augment import collate_clips, eval_crop, sample_frame_indices, train_crop
 from fla_ds.shards import load_index
 from fla_ds.shards.format import ShardFormatError, iter_raw_samples, parse_sample
 
@@ -148,20 +149,27 @@ class _EpochDataset(IterableDataset):
         cfg = self.cfg
         rng = random.Random(f"fla_ds-sample:{cfg.seed}:{self.epoch}:{ref[0]}:{ref[1]}")
         indices = sample_frame_indices(len(pack), rng, cfg.keep_ratio, cfg.stride_jitter, cfg.max_frames, cfg.train)
-        coeffs = crop_affine(meta["width"], meta["height"], cfg.crop_size, rng, cfg.crop_scale_min, cfg.max_rotation, cfg.train)
-        frames = []
-        for i in indices:
+        affine = None
+        if cfg.train:
+            box, affine = train_crop(meta["width"], meta["height"], cfg.crop_fraction, rng, cfg.crop_scale_min, cfg.max_rotation)
+        else:
+            box = eval_crop(meta["width"], meta["height"], cfg.crop_fraction)
+        side = box[2] - box[0]
+        clip = np.empty((len(indices), side, side, 3), dtype=np.uint8)
+        for t, i in enumerate(indices):
             with Image.open(io.BytesIO(pack.jpeg(i))) as im:
-                im = im.convert("RGB")
-                exact = None if cfg.train else center_crop(im, cfg.crop_size)
-                frames.append(exact if exact is not None else warp_frame(im, coeffs, cfg.crop_size))
-        return {"video": clip_to_tensor(frames), "id": meta["id"], "text": meta["text"], "num_frames": len(pack)}
+                if im.mode != "RGB":
+                    im = im.convert("RGB")
+                clip[t] = np.asarray(im.crop(box))
+        return {"video": clip, "affine": affine, "id": meta["id"], "text": meta["text"], "num_frames": len(pack)}
 
     def _collate(self, step: int, items: list[tuple[dict, bool]]) -> dict:
         video, mask = collate_clips([s["video"] for s, _ in items])
+        affine = torch.tensor([s["affine"] for s, _ in items]) if self.cfg.train else None
         return {
             "video": video,
             "video_mask": mask,
+            "affine": affine,
             "text": [s["text"] for s, _ in items],
             "id": [s["id"] for s, _ in items],
             "valid": torch.tensor([v for _, v in items]),

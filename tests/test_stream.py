@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from corpus_factory import frames_corpus
+from fla_ds.augment import to_model_input
 from fla_ds.config import load_config
 from fla_ds.shards import build_shards
 from fla_ds.stream import Layout, ShardStream, batch_of_step, epoch_order, rank_batches, remaining_order
@@ -86,17 +87,28 @@ def test_changed_layout_replans_only_what_was_not_consumed():
     assert len(rest) == len(order) - 2 * 3 * 2 and set(rest) <= set(order)
 
 
-def test_stream_yields_uint8_batches_with_masks(uneven_shards):
-    stream = ShardStream(stream_cfg(uneven_shards, "stream.num_workers=0"), 0, 1)
-    batch = next(iter(stream))
+@pytest.mark.parametrize("train", [True, False])
+def test_stream_yields_uint8_batches_with_masks_that_become_model_input(uneven_shards, train):
+    cfg = stream_cfg(uneven_shards, "stream.num_workers=0", f"stream.train={train}")
+    batch = next(iter(ShardStream(cfg, 0, 1)))
     video, mask = batch["video"], batch["video_mask"]
-    assert video.dtype == torch.uint8 and video.shape[0] == 2 and video.shape[2:] == (3, 28, 28)
+    # Frames are 40x32 (short side 32): training keeps the 32x32 canvas for the device-side
+    # warp, evaluation the exact 28x28 centre crop (0.875 of 32).
+    side = 32 if train else 28
+    assert video.dtype == torch.uint8 and video.shape[0] == 2 and video.shape[2:] == (side, side, 3)
     assert mask.shape == video.shape[:2] and mask.dtype == torch.bool
+    assert (batch["affine"] is not None) == train
     lengths = mask.sum(1)
     assert lengths.max() == video.shape[1]
     for i, n in enumerate(lengths.tolist()):
         assert video[i, n:].abs().sum() == 0  # padding is zeros
     assert all(isinstance(t, str) and t for t in batch["text"])
+    x = to_model_input(video, 28, batch["affine"])
+    assert x.shape == (2, video.shape[1], 3, 28, 28) and x.dtype == torch.float32
+    if not train:  # no warp: exactly the normalised pixels
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+        assert torch.allclose(x[0, 0], (video[0, 0].permute(2, 0, 1) / 255.0 - mean) / std)
 
 
 def test_training_draws_quarter_of_frames_with_augmentation(uneven_shards):
