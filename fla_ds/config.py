@@ -104,16 +104,18 @@ class StreamConfig:
 class SynthConfig:
     out: str = "synth"
     """Output folder of the generated corpus (manifest layout)."""
-    vocab_size: int = 24
-    """Words kept from PHOENIX-2014T's training sentences; each gets its own motion."""
+    vocab_size: int = 72
+    """At most this many words of PHOENIX-2014T's training sentences (72 gives 112 whole
+    sentences; up to 96); each word gets its own motion."""
     train: int = 240
     dev: int = 40
     test: int = 40
     size: int = 64
     """Video width and height in pixels."""
     fps: int = 25
-    frames_per_sign: int = 8
-    """Mean frames per sign; the signer's speed varies it."""
+    frames_per_sign: int = 12
+    """Mean frames per sign; the signer's speed varies it (12 keeps >= 2 frames of every
+    sign after T/4 sampling)."""
     seed: int = 0
     sentences: str = ""
     """CSV of sentences in PHOENIX format; empty uses the copy shipped in the package."""

@@ -107,8 +107,10 @@ COLOURS = ((235, 50, 45), (45, 205, 70), (60, 95, 250), (245, 225, 40), (225, 60
 PATHS = ("line", "arc", "circle", "corner", "tap", "hold", "two-line", "two-circle")
 GRID = (0.3, 0.5, 0.7)
 """Start positions, a 3x3 grid in the signing space (fractions of width/height)."""
-TWO_HAND_SEPARATION = (0.08, 0.19, 0.3)
+TWO_HAND_SEPARATION = (0.12, 0.22, 0.32)
 """For two-handed signs the grid column sets how far the hands are from the body's middle."""
+TWO_HAND_AMPLITUDE = 0.6
+"""Two-handed movements are smaller, so that the hands never cross or leave the frame."""
 AMPLITUDE = 0.18
 """Extent of a sign's movement as a fraction of the frame; just below the grid spacing."""
 HAND_RADIUS = 0.085
@@ -127,8 +129,8 @@ def pattern_for(index: int) -> SignPattern:
     """The sign of the index-th vocabulary word.
 
     Shape, colour, path and start position cycle with pairwise coprime periods (5, 7, 8, 9),
-    so every pair of words up to 2520 differs somewhere; below 72 words the (path, position)
-    pair alone is unique, so motion and place alone tell any two words apart.
+    so no two of the first 2520 words look alike; among the first 72 the (path, position)
+    pair alone is unique, so movement and place alone tell any two words apart.
     """
     position = index % 9
     direction = (index // 8) % 4  # words that share a path move in different directions
@@ -227,6 +229,9 @@ def draw_hand(canvas: np.ndarray, shape: str, colour: Sequence[int], centre: tup
     patch += alpha * (np.asarray(colour, np.float32) - patch)
 
 
+DURATION_JITTER = (0.85, 1.15)
+
+
 @dataclass(frozen=True)
 class SignJitter:
     """How one performance of a sign differs from the next."""
@@ -239,10 +244,10 @@ class SignJitter:
 
 def draw_jitter(rng: np.random.Generator) -> SignJitter:
     return SignJitter(
-        shift=(float(rng.normal(0, 0.015)), float(rng.normal(0, 0.015))),
-        scale=float(rng.uniform(0.85, 1.15)),
+        shift=(float(rng.normal(0, 0.01)), float(rng.normal(0, 0.01))),
+        scale=float(rng.uniform(0.9, 1.1)),
         turn=float(rng.normal(0, 0.1)),
-        duration=float(rng.uniform(0.85, 1.15)),
+        duration=float(rng.uniform(*DURATION_JITTER)),
     )
 
 
@@ -252,9 +257,9 @@ def hand_positions(pattern: SignPattern, phase: float, signer: Signer, jitter: S
     centre_x = 0.5 + signer.offset[0]
     sx, sy = pattern.start
     if two_handed:
-        sx = centre_x + TWO_HAND_SEPARATION[GRID.index(sx)]
+        sx = 0.5 + TWO_HAND_SEPARATION[GRID.index(sx)]
     sx, sy = sx + signer.offset[0] + jitter.shift[0], sy + signer.offset[1] + jitter.shift[1]
-    a = AMPLITUDE * jitter.scale
+    a = AMPLITUDE * jitter.scale * (TWO_HAND_AMPLITUDE if two_handed else 1.0)
     theta = pattern.angle + jitter.turn
     d = (math.cos(theta), math.sin(theta))
     n = (-d[1], d[0])
@@ -290,23 +295,21 @@ def path_offsets(path: str, p: float) -> tuple[float, float]:
 # ---------------------------------------------------------------- timing and rendering
 
 
-def sign_frames(cfg, signer: Signer, jitter: SignJitter) -> int:
-    return max(2, round(cfg.frames_per_sign * jitter.duration / signer.speed))
+def sign_frames(cfg, speed: float, duration: float) -> int:
+    return max(2, round(cfg.frames_per_sign * duration / speed))
 
 
-def rest_frames(cfg, signer: Signer) -> int:
-    """Hands down between signs: a quarter sign, so that signs are separated in time."""
-    return max(1, round(cfg.frames_per_sign / 4 / signer.speed))
+def rest_frames(cfg, speed: float) -> int:
+    """Hands down between signs for a quarter sign, so that signs are apart in time."""
+    return max(1, round(cfg.frames_per_sign / 4 / speed))
 
 
 def clip_length_range(n_words: int, cfg) -> tuple[int, int]:
     """Fewest and most frames a clip of n_words can have (for checks on decoded videos)."""
-    bounds = []
-    for speed, duration in ((max(s.speed for s in SIGNERS), 0.85), (min(s.speed for s in SIGNERS), 1.15)):
-        sign = max(2, math.floor(cfg.frames_per_sign * duration / speed)) if duration < 1 else math.ceil(cfg.frames_per_sign * duration / speed)
-        rest = max(1, round(cfg.frames_per_sign / 4 / speed))
-        bounds.append(n_words * sign + (n_words + 1) * rest)
-    return bounds[0], bounds[1]
+    fast, slow = max(s.speed for s in SIGNERS), min(s.speed for s in SIGNERS)
+    shortest = n_words * sign_frames(cfg, fast, DURATION_JITTER[0]) + (n_words + 1) * rest_frames(cfg, fast)
+    longest = n_words * sign_frames(cfg, slow, DURATION_JITTER[1]) + (n_words + 1) * rest_frames(cfg, slow)
+    return shortest, longest
 
 
 def render_sentence(words: Sequence[str], signer: Signer, rng: np.random.Generator, cfg) -> np.ndarray:
@@ -322,16 +325,17 @@ def render_sentence(words: Sequence[str], signer: Signer, rng: np.random.Generat
     size = int(cfg.size)
     backdrop = signer_backdrop(signer, size)
     radius = HAND_RADIUS * size * signer.hand_scale
-    frames = [backdrop] * rest_frames(cfg, signer)
+    rest = rest_frames(cfg, signer.speed)
+    frames = [backdrop] * rest
     for word in words:
         pattern, jitter = patterns[word], draw_jitter(rng)
-        n = sign_frames(cfg, signer, jitter)
+        n = sign_frames(cfg, signer.speed, jitter.duration)
         for t in range(n):
             canvas = backdrop.copy()
             for centre in hand_positions(pattern, t / (n - 1), signer, jitter):
                 draw_hand(canvas, pattern.shape, pattern.colour, centre, radius)
             frames.append(canvas)
-        frames.extend([backdrop] * rest_frames(cfg, signer))
+        frames.extend([backdrop] * rest)
     clip = np.stack(frames)
     clip += rng.normal(0, 3.0, clip.shape).astype(np.float32)  # sensor noise, so no two clips match exactly
     return np.clip(clip + 0.5, 0, 255).astype(np.uint8)
@@ -341,8 +345,9 @@ def render_sentence(words: Sequence[str], signer: Signer, rng: np.random.Generat
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
-    """h264/yuv420p, atomically. One encoder thread: x264's output then depends only on
-    its input, so a seed always gives the same bytes."""
+    """h264/yuv420p, atomically, and byte-reproducible: with x264's macroblock-tree rate
+    control on, the same frames encoded to different bytes from run to run (measured on
+    these small clips, even with one thread); with it off and one thread they do not."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -442,6 +447,7 @@ def generate(cfg) -> Path:
     for split in SPLITS:
         (out / f"{split}.jsonl").unlink(missing_ok=True)
     (out / "videos").mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out)
     remove_stale_tmp(out / "videos")
     for split in SPLITS:
         for plan in plans[split]:
