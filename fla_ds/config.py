@@ -135,6 +135,95 @@ class BenchConfig:
 
 
 @dataclass
+class VisualConfig:
+    """Stage 1's visual encoder: ResNet-18 per frame, then one temporal block."""
+
+    out_dim: int = 1024
+    """Temporal block output size (the authors' earlier GFSLT-VLP code uses 1024)."""
+    temporal_kernel: int = 5
+    pretrained: str = ""
+    """A torchvision-format ResNet-18 ImageNet checkpoint (.safetensors or .pth); empty: random."""
+
+
+@dataclass
+class LightTConfig:
+    """Stage 1's lightweight translation transformer (paper: 3+3 layers, 8 heads, d 512)."""
+
+    d_model: int = 512
+    heads: int = 8
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    ffn: int = 2048
+    dropout: float = 0.1
+    adapter_hidden: int = 1024
+    label_smoothing: float = 0.2
+    max_target_len: int = 64
+    """Target tokens per sentence (BOS and EOS included); longer ones are cut."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop shared by both stages."""
+
+    out: str = "runs/stage1"
+    """Run folder: step-N/ checkpoints, latest, best, metrics.jsonl, config.yaml."""
+    epochs: int = 75
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run all epochs)."""
+    global_batch: int = 8
+    """Samples per optimizer step over all ranks; accumulation = global / (micro x ranks)."""
+    optimizer: str = "sgd"
+    """sgd (momentum) or adamw."""
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    """Cosine decay ends at lr * min_lr_ratio."""
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
+    gradient_checkpointing: bool = False
+    ds_config: str = "ds_configs/zero2.json"
+    """DeepSpeed JSON; its "auto" values are filled from this config."""
+    seed: int = 0
+    deterministic: bool = False
+    """Deterministic algorithms and per-rank seeds, for exact resume comparisons."""
+    log_every: int = 10
+    tensorboard: bool = False
+    eval_every: int = 0
+    """Evaluate on dev every N steps (0: at the end of every epoch)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: at the end of every epoch)."""
+    keep_last: int = 3
+    """Checkpoints kept besides the best."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in out; none; or a step folder."""
+    verify_checkpoints: bool = True
+    """Check sizes and sha256 of a checkpoint's files before resuming from it."""
+    beam_size: int = 5
+    max_decode_len: int = 0
+    """Tokens generated at most (0: model.max_target_len)."""
+    eval_split: str = "dev"
+    eval_limit: int = 0
+    """Evaluate on the first N dev samples only (0: all)."""
+    vocab: str = ""
+    """Trimmed vocabulary (vocab.json from `fla-ds vocab`); built from the train shards when empty."""
+    tokenizer: str = ""
+    """The stage-2 language model's tokenizer folder; empty: the embedded SmolLM2."""
+
+
+@dataclass
+class EvalConfig:
+    """How scores are computed (the convention is written next to every score)."""
+
+    level: str = "word"
+    """word, or char (CSL-Daily: scored per character)."""
+    phoenix_period: bool = False
+    """Append ' .' to hypotheses and references (as some PHOENIX codebases do)."""
+
+
+@dataclass
 class DemoConfig:
     out: str = "demo-out"
     """Everything the demo makes goes under this folder (synth/, shards/, ...)."""
@@ -145,6 +234,10 @@ class DemoConfig:
 @dataclass
 class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
+    visual: VisualConfig = field(default_factory=VisualConfig)
+    light_t: LightTConfig = field(default_factory=LightTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)

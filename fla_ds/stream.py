@@ -221,8 +221,9 @@ class ShardStream:
     ``stream.set_epoch(e)`` then ``for batch in stream``; checkpoint ``stream.state_dict()``.
     """
 
-    def __init__(self, cfg, rank: int = 0, world_size: int = 1, shuffle: Optional[bool] = None):
+    def __init__(self, cfg, rank: int = 0, world_size: int = 1, shuffle: Optional[bool] = None, limit: int = 0):
         self.cfg = cfg
+        self.limit = limit  # only the first ``limit`` samples of each epoch's order (quick evaluations)
         self.rank, self.world_size = rank, world_size
         self.shuffle = cfg.train if shuffle is None else shuffle
         index = load_index(cfg.shards, cfg.split)
@@ -246,6 +247,8 @@ class ShardStream:
 
     def _batches(self) -> list:
         order = epoch_order(self.counts, self.cfg.seed, self.epoch, self.shuffle)
+        if self.limit:
+            order = order[: self.limit]
         order = remaining_order(order, self.history, self.cfg.train)
         return rank_batches(order, self.layout, self.rank, self.cfg.train)
 

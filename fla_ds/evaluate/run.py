@@ -1,0 +1,55 @@
+"""The one evaluation path: decode a split on every rank, gather, score, save.
+
+Decoding is spread over all ranks (the loader's evaluation mode gives every rank the same
+number of batches and every sample to exactly one rank; padding repeats are marked invalid),
+results are gathered to every rank so that no rank waits alone in a collective, and rank 0
+scores and writes ``hypotheses.tsv`` (id, hypothesis, reference) beside ``metrics.json``.
+Used by training (dev after each epoch), by ``fla-ds evaluate`` and by stage 2.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from fla_ds.atomic import atomic_write_json, atomic_write_text
+from fla_ds.evaluate.metrics import score
+from fla_ds.stream import ShardStream
+
+
+def decode_split(translate: Callable[[dict], list[str]], stream: ShardStream) -> list[tuple[str, str, str]]:
+    """(id, hypothesis, reference) of this rank's valid samples."""
+    rows = []
+    for batch in stream:
+        hyps = translate(batch)
+        for sample_id, hyp, ref, valid in zip(batch["id"], hyps, batch["text"], batch["valid"].tolist()):
+            if valid:
+                rows.append((sample_id, hyp, ref))
+    return rows
+
+
+def gather_rows(rows: list) -> list:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return rows
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, rows)
+    return [row for part in everything for row in part]
+
+
+def write_results(out_dir: Path, rows: list[tuple[str, str, str]], metrics: dict) -> None:
+    lines = ["id\thypothesis\treference"] + ["\t".join(col.replace("\t", " ").replace("\n", " ") for col in row) for row in rows]
+    atomic_write_text(out_dir / "hypotheses.tsv", "\n".join(lines) + "\n")
+    atomic_write_json(out_dir / "metrics.json", metrics)
+
+
+def evaluate_split(translate: Callable[[dict], list[str]], cfg, rank: int, world: int, out_dir: Path, split: str = "") -> dict:
+    """Decode ``split`` (default: train.eval_split) of ``cfg.stream.shards`` and score it."""
+    stream_cfg = OmegaConf.merge(cfg.stream, {"split": split or cfg.train.eval_split, "train": False})
+    stream = ShardStream(stream_cfg, rank, world, limit=cfg.train.eval_limit)
+    rows = sorted(gather_rows(decode_split(translate, stream)))
+    metrics = score([h for _, h, _ in rows], [r for _, _, r in rows], level=cfg.eval.level, phoenix_period=cfg.eval.phoenix_period) if rows else {"n": 0}
+    if rank == 0:
+        write_results(out_dir, rows, metrics)
+    return metrics

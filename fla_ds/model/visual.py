@@ -1,0 +1,111 @@
+"""The visual encoder: ResNet-18 on every real frame, then one temporal block
+(Conv1d + BatchNorm + ReLU), as in FLa-LLM's stage 1. This is the part stage 2 keeps."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fla_ds.model.resnet import FEATURE_DIM, ResNet18, load_torchvision_checkpoint
+
+log = logging.getLogger("fla_ds")
+
+
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over (B, C, T) whose statistics come from real positions only.
+
+    Padding is a large, variable share of a video batch (clips differ in length several
+    times over); counting its zeros would pull the batch mean towards 0 and shrink the
+    variance, so the same clip would be normalised differently depending on its batch
+    mates, and the running statistics used at evaluation would not describe real frames.
+    Parameter and buffer names are BatchNorm1d's, so its state dict is a plain BN's."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # In float32: under bf16 autocast a sum over thousands of positions loses too many
+        # digits.
+        xf = x.float()
+        weights = mask.unsqueeze(1).float()  # (B, 1, T)
+        if self.training or not self.track_running_stats:
+            mean, var = self.masked_moments(xf, weights)
+        else:
+            mean, var = self.running_mean.float(), self.running_var.float()
+        out = (xf - mean[None, :, None]) * torch.rsqrt(var[None, :, None] + self.eps)
+        if self.affine:
+            out = out * self.weight.float()[None, :, None] + self.bias.float()[None, :, None]
+        return (out * weights).to(x.dtype)
+
+    def masked_moments(self, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and biased variance per channel over real positions; updates the running
+        statistics (with the unbiased variance, as nn.BatchNorm does) when training."""
+        count = weights.sum().clamp(min=1)
+        mean = (x * weights).sum(dim=(0, 2)) / count
+        var = (((x - mean[None, :, None]) ** 2) * weights).sum(dim=(0, 2)) / count
+        if self.training and self.track_running_stats:
+            self.update_running_stats(mean.detach(), var.detach() * count / (count - 1).clamp(min=1))
+        return mean, var
+
+    @torch.no_grad()
+    def update_running_stats(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        self.num_batches_tracked += 1
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
+
+
+class TemporalBlock(nn.Module):
+    """The paper's one temporal block: Conv1d + BatchNorm + ReLU, padding kept at zero
+    before the convolution (so a clip's last frames see the same zeros whether or not it is
+    padded) and after the block."""
+
+    def __init__(self, in_dim: int, out_dim: int, kernel_size: int):
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd to keep the length, got {kernel_size}")
+        self.conv = nn.Conv1d(in_dim, out_dim, kernel_size, padding=kernel_size // 2)
+        self.bn = MaskedBatchNorm1d(out_dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, in_dim), (B, T) -> (B, T, out_dim)."""
+        x = x.masked_fill(~mask.unsqueeze(-1), 0.0).transpose(1, 2)
+        x = F.relu(self.bn(self.conv(x), mask))
+        return x.transpose(1, 2)
+
+
+class VisualEncoder(nn.Module):
+    """Normalised video (B, T, 3, S, S) and its (B, T) mask (True on real frames, from
+    ``fla_ds.augment.to_model_input`` and ``collate_clips``) -> (features (B, T, out_dim),
+    mask): zeros on padded positions.
+
+    ``pretrained``: a torchvision ResNet-18 checkpoint (.safetensors/.pth) for the CNN, or
+    None for torchvision's random initialisation. Set ``gradient_checkpointing = True`` to
+    recompute the CNN stages in the backward pass (activation memory of ~frames x 224^2
+    ResNet-18 dominates stage 1)."""
+
+    def __init__(self, out_dim: int = 1024, kernel_size: int = 5, pretrained: Optional[str] = None):
+        super().__init__()
+        self.cnn = ResNet18(num_classes=None)
+        self.temporal = TemporalBlock(FEATURE_DIM, out_dim, kernel_size)
+        self.out_dim = out_dim
+        self.gradient_checkpointing = False
+        if pretrained:
+            ignored = load_torchvision_checkpoint(self.cnn, pretrained)
+            log.info("visual encoder: ImageNet ResNet-18 weights loaded from %s (ignored: %s)", pretrained, ", ".join(ignored) or "nothing")
+        else:
+            log.info("visual encoder: ResNet-18 randomly initialised (no pretrained checkpoint given)")
+
+    def frame_features(self, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ResNet-18 on the real frames only (padding can be a third of a batch: no compute
+        spent on it, and no padding in the CNN's BatchNorm statistics); (B, T, 512) with
+        zeros on padding."""
+        frames = video[mask]  # (N_real, 3, S, S)
+        feats = self.cnn.forward_features(frames, gradient_checkpointing=self.gradient_checkpointing and self.training)
+        out = feats.new_zeros(*mask.shape, feats.shape[-1])
+        out[mask] = feats
+        return out
+
+    def forward(self, video: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = mask.to(device=video.device, dtype=torch.bool)
+        return self.temporal(self.frame_features(video, mask), mask), mask

@@ -1,0 +1,155 @@
+"""Stage 1 (visual initializing): video -> ResNet-18 + temporal block -> Light-T -> text.
+
+Everything is trained; what stage 2 keeps is the encoder, exported at every checkpoint as
+``encoder.safetensors`` (torch state dict names of ``VisualEncoder``), loadable without
+DeepSpeed. The target vocabulary is the stage-2 language model's tokenizer trimmed to the
+training corpus (fla_ds/vocab.py), so Light-T's output layer stays small.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from fla_ds.augment import to_model_input
+from fla_ds.config import load_config, save_resolved
+from fla_ds.distributed import device
+from fla_ds.model import LightT, SignTranslator, VisualEncoder
+from fla_ds.vocab import TrimmedVocab, build_vocab_files
+
+log = logging.getLogger("fla_ds")
+
+
+def default_tokenizer(cfg) -> str:
+    if cfg.train.tokenizer:
+        return cfg.train.tokenizer
+    from fla_ds.llm_assets import tokenizer_path
+
+    return str(tokenizer_path())
+
+
+def prepare_vocab(cfg, rank: int) -> Path:
+    """The configured vocabulary, or one built by rank 0 from the training shards."""
+    if cfg.train.vocab:
+        return Path(cfg.train.vocab)
+    out = Path(cfg.train.out) / "vocab"
+    if rank == 0 and not (out / "vocab.json").is_file():
+        build_vocab_files(default_tokenizer(cfg), cfg.stream.shards, out, split="train")
+    if dist.is_initialized():
+        dist.barrier()
+    return out / "vocab.json"
+
+
+def build_translator(cfg, vocab: TrimmedVocab) -> SignTranslator:
+    v, t = cfg.visual, cfg.light_t
+    encoder = VisualEncoder(out_dim=v.out_dim, kernel_size=v.temporal_kernel, pretrained=v.pretrained or None)
+    light_t = LightT(
+        in_dim=v.out_dim, vocab_size=vocab.size, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
+        d_model=t.d_model, heads=t.heads, encoder_layers=t.encoder_layers, decoder_layers=t.decoder_layers,
+        ffn=t.ffn, dropout=t.dropout, adapter_hidden=t.adapter_hidden, max_len=t.max_target_len, label_smoothing=t.label_smoothing,
+    )
+    return SignTranslator(encoder, light_t)
+
+
+@contextmanager
+def full_parameters(module: torch.nn.Module):
+    """All parameters whole on every rank for the duration (a collective under ZeRO-3; a
+    no-op otherwise)."""
+    import deepspeed
+
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Own copies (tied weights would share storage, which safetensors refuses)."""
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()}
+
+
+def model_dtype(engine) -> torch.dtype:
+    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+
+
+class Stage1:
+    name = "stage1"
+
+    def __init__(self, cfg, rank: int):
+        self.cfg = cfg
+        self.rank = rank
+        self.vocab_path = prepare_vocab(cfg, rank)
+        self.vocab = TrimmedVocab.load(self.vocab_path)
+        self.hidden_size = cfg.light_t.d_model
+        self.max_decode = cfg.train.max_decode_len or cfg.light_t.max_target_len
+
+    def build(self) -> torch.nn.Module:
+        model = build_translator(self.cfg, self.vocab)
+        model.encoder.gradient_checkpointing = self.cfg.train.gradient_checkpointing
+        if self.cfg.train.precision == "bf16" or (self.cfg.train.precision == "auto" and torch.cuda.is_available()):
+            model = model.to(torch.bfloat16)  # ZeRO-3 + bf16 wants every parameter bf16 up front
+        return model
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def model_input(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = device()
+        video = to_model_input(batch["video"].to(dev, non_blocking=True), self.cfg.stream.crop_size, batch["affine"], dtype=model_dtype(engine))
+        return video, batch["video_mask"].to(dev)
+
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        video, mask = self.model_input(engine, batch)
+        targets = self.vocab.encode_batch(batch["text"], self.cfg.light_t.max_target_len).to(device())
+        return engine(video, mask, targets)
+
+    def translate(self, engine, batch: dict) -> list[str]:
+        video, mask = self.model_input(engine, batch)
+        with torch.no_grad(), full_parameters(engine.module):
+            ids = engine.module.generate(video, mask, beam_size=self.cfg.train.beam_size, max_len=self.max_decode)
+        return [self.vocab.decode(row) for row in ids]
+
+    def export(self, engine, step_dir: Path) -> None:
+        with full_parameters(engine.module):
+            if self.rank == 0:
+                module = engine.module
+                save_file(cpu_state_dict(module.encoder), str(step_dir / "encoder.safetensors"), metadata={"format": "pt", "what": "fla_ds VisualEncoder"})
+                save_file(cpu_state_dict(module), str(step_dir / "model.safetensors"), metadata={"format": "pt", "what": "fla_ds SignTranslator"})
+        if self.rank == 0:
+            save_resolved(self.cfg, step_dir)
+            copy_vocab(self.vocab_path, self.vocab, step_dir)
+
+
+def copy_vocab(vocab_path: Path, vocab: TrimmedVocab, step_dir: Path) -> None:
+    """The vocabulary and the tokenizer it maps into, so the folder stands on its own."""
+    shutil.copy(vocab_path, step_dir / "vocab.json")
+    tokenizer_dir = step_dir / "tokenizer"
+    tokenizer_dir.mkdir(exist_ok=True)
+    vocab.tokenizer.save_pretrained(str(tokenizer_dir))
+
+
+class Translator:
+    """A stage-1 checkpoint for inference, without DeepSpeed: ``fla-ds evaluate``."""
+
+    def __init__(self, step_dir: Path, beam_size: int = 0):
+        step_dir = Path(step_dir)
+        self.cfg = load_config(str(step_dir / "config.yaml"))
+        self.vocab = TrimmedVocab.load(step_dir / "vocab.json", tokenizer_path=step_dir / "tokenizer")
+        self.model = build_translator(self.cfg, self.vocab)
+        self.model.load_state_dict(load_file(str(step_dir / "model.safetensors")))
+        self.model.eval().to(device())
+        self.beam = beam_size or self.cfg.train.beam_size
+        self.max_decode = self.cfg.train.max_decode_len or self.cfg.light_t.max_target_len
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> list[str]:
+        video = to_model_input(batch["video"].to(device()), self.cfg.stream.crop_size, batch["affine"])
+        ids = self.model.generate(video, batch["video_mask"].to(device()), beam_size=self.beam, max_len=self.max_decode)
+        return [self.vocab.decode(row) for row in ids]

@@ -1,0 +1,314 @@
+"""The one training loop, shared by stage 1 and stage 2.
+
+It only wires components: a ``Stage`` (what is trained and how a batch becomes a loss or a
+translation: fla_ds/stage1.py, fla_ds/stage2.py), the loader (fla_ds/stream.py), DeepSpeed,
+checkpoints (fla_ds/checkpoint.py), evaluation (fla_ds/evaluate/run.py) and the run log
+(fla_ds/runlog.py).
+
+Loss normalisation: a stage returns the loss summed over its target tokens and their count.
+The loop divides by the token count of all ranks (one all_reduce), scaled by the world size
+because DeepSpeed averages gradients over ranks: every target token of the step weighs the
+same, whatever its rank or sentence length.
+
+Preemption: SIGTERM or SIGUSR1 sets a flag; ranks agree on it after every optimizer step
+(one all_reduce), save a checkpoint at that step boundary and return 0. The time from the
+signal to exit is one optimizer step plus one save.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from fla_ds import checkpoint
+from fla_ds.config import save_resolved
+from fla_ds.distributed import Placement, device
+from fla_ds.runlog import RunLog
+from fla_ds.stream import ShardStream
+
+log = logging.getLogger("fla_ds")
+
+
+class Stage(Protocol):
+    name: str
+    hidden_size: int
+    """Sizes ZeRO-3's buckets ("auto" values)."""
+
+    def build(self) -> torch.nn.Module: ...
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict]: ...
+
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def translate(self, engine, batch: dict) -> list[str]: ...
+
+    def export(self, engine, step_dir: Path) -> None:
+        """Called on every rank at each save (it may gather ZeRO-3 parameters); writes the
+        stage's own files (weights for the next stage, adapters, vocabulary) from rank 0."""
+
+
+# ------------------------------------------------------------------ set-up helpers
+
+
+def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
+    """Seeds with a rank offset, so ranks draw different dropout masks."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def use_bf16(precision: str) -> bool:
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"train.precision must be auto, fp32 or bf16, got '{precision}'")
+    return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
+    per_step = micro_batch * world
+    if global_batch % per_step:
+        raise ValueError(f"train.global_batch={global_batch} is not a multiple of stream.batch_size x ranks = {micro_batch} x {world}")
+    return global_batch // per_step
+
+
+def fill_ds_config(template: dict, cfg, world: int, hidden_size: int) -> dict:
+    """Resolve every "auto" of a DeepSpeed JSON from our config (only the HF Trainer does it
+    otherwise), so that one JSON serves every run."""
+    micro = cfg.stream.batch_size
+    values = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation_steps(cfg.train.global_batch, micro, world),
+        "train_batch_size": cfg.train.global_batch,
+        "gradient_clipping": cfg.train.grad_clip,
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+
+    def resolve(node, key=None):
+        if isinstance(node, dict):
+            return {k: resolve(v, k) for k, v in node.items()}
+        if node == "auto":
+            if key == "enabled":
+                return use_bf16(cfg.train.precision)
+            if key not in values:
+                raise ValueError(f"DeepSpeed config: no value known for \"{key}\": \"auto\"")
+            return values[key]
+        return node
+
+    return resolve(template)
+
+
+def load_ds_config(path: str) -> dict:
+    candidates = [Path(path), Path(__file__).resolve().parent.parent / path]
+    for p in candidates:
+        if p.is_file():
+            try:
+                return json.loads(p.read_text("utf-8"))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{p}: not valid JSON ({exc})") from None
+    raise FileNotFoundError(f"DeepSpeed config {path} not found")
+
+
+def build_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    raise ValueError(f"train.optimizer must be sgd or adamw, got '{t.optimizer}'")
+
+
+def warmup_cosine(total_steps: int, warmup: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# ------------------------------------------------------------------ preemption
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1; read by every rank at the same step boundary."""
+
+    def __init__(self):
+        self.raised: Optional[str] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, _frame):
+        self.raised = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.raised else 0.0], device=device())
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ------------------------------------------------------------------ the loop
+
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    step: int = 0
+    """Optimizer steps done."""
+    best: Optional[float] = None
+
+
+class Trainer:
+    def __init__(self, cfg, stage: Stage, placement: Placement):
+        import deepspeed
+
+        self.cfg, self.stage, self.placement = cfg, stage, placement
+        self.run_dir = Path(cfg.train.out)
+        self.rank, self.world = placement.rank, placement.world_size
+        seed_everything(cfg.train.seed, self.rank, cfg.train.deterministic)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(cfg, self.run_dir)
+        self.stream = ShardStream(OmegaConf.merge(cfg.stream, {"split": "train", "train": True}), self.rank, self.world)
+        self.gas = accumulation_steps(cfg.train.global_batch, cfg.stream.batch_size, self.world)
+        model = stage.build()
+        self.total_steps = self.planned_steps()
+        optimizer = build_optimizer(stage.param_groups(model), cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio))
+        ds_config = fill_ds_config(load_ds_config(cfg.train.ds_config), cfg, self.world, stage.hidden_size)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        checkpoint.install_safe_loading(self.engine)
+        self.progress = Progress()
+        self.stop = StopFlag()
+        self.log = RunLog(self.run_dir, self.rank, cfg.train.tensorboard, total_steps=self.total_steps)
+
+    def planned_steps(self) -> int:
+        per_epoch = len(self.stream) // self.gas
+        if per_epoch == 0:
+            raise ValueError(f"an epoch has {len(self.stream)} batches per rank, fewer than the {self.gas} accumulation steps: lower train.global_batch")
+        total = per_epoch * self.cfg.train.epochs
+        return min(total, self.cfg.train.max_steps) if self.cfg.train.max_steps else total
+
+    # -------------------------------------------------------------- resume and save
+
+    def resume(self) -> None:
+        choice = self.cfg.train.resume
+        if choice == "none":
+            return
+        step_dir = Path(choice) if choice != "auto" else checkpoint.choose_resume(self.run_dir, self.cfg.train.verify_checkpoints)
+        if step_dir is None:
+            return
+        state = checkpoint.load_checkpoint(self.engine, step_dir)
+        self.stream.load_state_dict(state["loader"])
+        self.progress = Progress(state["epoch"], state["step"], state.get("best"))
+        log.info("resumed from %s at epoch %d, step %d", step_dir, self.progress.epoch, self.progress.step)
+
+    def save(self, metrics: Optional[dict] = None) -> Path:
+        p = self.progress
+        state = {"epoch": p.epoch, "step": p.step, "best": p.best, "loader": self.stream.state_dict(), "metrics": metrics or {}}
+        step_dir = checkpoint.save_checkpoint(self.engine, self.run_dir, p.step, state, lambda d: self.stage.export(self.engine, d))
+        self.log.event("checkpoint", step=p.step, path=str(step_dir))
+        return step_dir
+
+    # -------------------------------------------------------------- steps
+
+    def train_micro_batch(self, batch: dict) -> tuple[float, int]:
+        loss_sum, n_tokens = self.stage.loss(self.engine, batch)
+        tokens = n_tokens.detach().to(torch.float32).reshape(1).clone()
+        if dist.is_initialized():
+            dist.all_reduce(tokens)
+        loss = loss_sum * self.world / tokens.clamp(min=1.0)
+        self.engine.backward(loss)
+        self.engine.step()
+        return float(loss_sum.detach()) / max(1.0, float(n_tokens)), int(n_tokens)
+
+    def evaluate(self) -> dict:
+        from fla_ds.evaluate.run import evaluate_split
+
+        out_dir = self.run_dir / "eval" / f"step-{self.progress.step}"
+        self.engine.eval()
+        try:
+            return evaluate_split(lambda batch: self.stage.translate(self.engine, batch), self.cfg, self.rank, self.world, out_dir)
+        finally:
+            self.engine.train()
+
+    def after_epoch(self) -> None:
+        """Evaluate on dev, save, keep the best by dev BLEU-4, prune old checkpoints."""
+        metrics = self.evaluate()
+        self.log.event("eval", step=self.progress.step, epoch=self.progress.epoch, **{k: v for k, v in metrics.items() if k != "convention"})
+        bleu4 = metrics.get("bleu4")
+        step_dir = self.save(metrics)
+        if bleu4 is not None and (self.progress.best is None or bleu4 > self.progress.best):
+            self.progress.best = bleu4
+            checkpoint.mark_best(self.run_dir, step_dir, "dev bleu4", bleu4)
+        checkpoint.prune(self.run_dir, self.cfg.train.keep_last)
+
+    def done(self) -> bool:
+        return self.progress.step >= self.total_steps
+
+    def run_epoch(self) -> str:
+        """Train until the epoch ends ('epoch'), the step budget is spent ('budget') or a stop
+        signal was agreed on ('preempted', after saving). An epoch ends at an optimizer step
+        boundary: batches beyond the last whole accumulation are left out."""
+        cfg, p = self.cfg.train, self.progress
+        usable = (self.stream.steps_done + len(self.stream)) // self.gas * self.gas
+        started, samples, tokens, losses = time.perf_counter(), 0, 0, []
+        for batch in self.stream:
+            loss, n_tok = self.train_micro_batch(batch)
+            losses.append(loss)
+            samples += int(batch["valid"].sum()) * self.world
+            tokens += n_tok * self.world
+            if self.stream.steps_done % self.gas:
+                continue
+            p.step += 1
+            if p.step % cfg.log_every == 0 or p.step == 1:
+                seconds = time.perf_counter() - started
+                self.log.step(p.step, epoch=p.epoch, loss=float(np.mean(losses)), lr=self.engine.get_lr()[0],
+                              samples_per_s=samples / seconds, tokens_per_s=tokens / seconds)
+                started, samples, tokens, losses = time.perf_counter(), 0, 0, []
+            if self.stop.agreed():
+                self.save()
+                self.log.event("preempted", step=p.step, signal=self.stop.raised or "another rank")
+                return "preempted"
+            if cfg.save_every and p.step % cfg.save_every == 0:
+                self.save()
+            if cfg.eval_every and p.step % cfg.eval_every == 0:
+                self.log.event("eval", step=p.step, **self.evaluate())
+            if self.done():
+                return "budget"
+            if self.stream.steps_done >= usable:
+                break
+        return "epoch"
+
+    def fit(self) -> int:
+        self.resume()
+        p = self.progress
+        self.engine.train()
+        while not self.done() and p.epoch < self.cfg.train.epochs:
+            self.stream.set_epoch(p.epoch)
+            outcome = self.run_epoch()
+            if outcome == "preempted":
+                break
+            if outcome == "epoch":
+                p.epoch += 1
+                self.stream.set_epoch(p.epoch)  # the checkpoint resumes at the next epoch's start
+            self.after_epoch()
+        self.log.close()
+        return 0
