@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 from fla_ds.config import ConfigError, load_config
@@ -69,6 +70,56 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args.what, cfg)
 
 
+def cmd_vocab(args: argparse.Namespace) -> int:
+    from fla_ds.vocab import build_vocab_files
+
+    path = build_vocab_files(args.tokenizer, args.shards, args.out, split=args.split)
+    print(f"trimmed vocabulary written to {path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Decode a split with a saved checkpoint; spread over ranks when launched by torchrun."""
+    from omegaconf import OmegaConf
+
+    from fla_ds.distributed import init_distributed, shutdown
+    from fla_ds.evaluate.run import evaluate_split
+    from fla_ds.stage1 import Translator
+
+    step_dir = resolve_checkpoint(args.checkpoint)
+    translator = Translator(step_dir, beam_size=args.beam)
+    cfg = OmegaConf.merge(translator.cfg, {"stream": {"shards": args.shards}, "train": {"eval_limit": args.limit}})
+    if args.overrides:
+        load_config(None, args.overrides)  # refuses unknown keys and wrong types
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(args.overrides)))
+    placement = init_distributed()
+    try:
+        out = Path(args.out) if args.out else step_dir / f"eval-{args.split}"
+        metrics = evaluate_split(translator, cfg, placement.rank, placement.world_size, out, split=args.split)
+    finally:
+        shutdown()
+    if placement.rank == 0:
+        for key in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "bleu_13a"):
+            print(f"{key:>9}: {metrics.get(key, float('nan')):.2f}")
+        print(f"  n={metrics.get('n', 0)}; {metrics.get('convention', '')}")
+        print(f"hypotheses and metrics in {out}")
+    return 0
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A step folder, or a run folder (its best checkpoint, else its latest)."""
+    from fla_ds.checkpoint import read_best
+
+    p = Path(path)
+    if (p / "COMPLETE").is_file():
+        return p
+    best = read_best(p)
+    for name in ([best["step"]] if best else []) + ([(p / "latest").read_text().strip()] if (p / "latest").is_file() else []):
+        if (p / name / "COMPLETE").is_file():
+            return p / name
+    raise UsageError(f"{path} is neither a complete step-N checkpoint nor a run folder with one")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fla_ds.demo import run_demo
 
@@ -104,6 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--decode", action="store_true", help="also decode every frame")
     p.set_defaults(func=cmd_shards_verify)
+
+    p = sub.add_parser("vocab", help="trim the stage-2 tokenizer's vocabulary to a corpus's training texts")
+    p.add_argument("--tokenizer", required=True, help="a local Hugging Face tokenizer folder")
+    p.add_argument("--shards", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="train")
+    p.set_defaults(func=cmd_vocab)
+
+    p = sub.add_parser("evaluate", help="translate a split with a checkpoint and score it")
+    p.add_argument("--checkpoint", required=True, help="a step-N folder, or a run folder (its best checkpoint)")
+    p.add_argument("--shards", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--beam", type=int, default=0, help="beam size (default: the run's)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N samples")
+    p.add_argument("--out", help="folder for hypotheses.tsv and metrics.json (default: beside the checkpoint)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="benchmarks that print figures and ratios against a baseline")
     p.add_argument("what", choices=["data"])
