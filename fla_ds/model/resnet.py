@@ -1,7 +1,7 @@
 """ResNet-18 without torchvision, and loading torchvision's ImageNet weights into it.
 
-torchvision does not import beside the CPU build of torch this project tests with
-(docs in shared notes), so the network is written out here. Every parameter and buffer name,
+torchvision does not import beside the CPU build of torch this project tests with,
+so the network is written out here. Every parameter and buffer name,
 shape and the initialisation match ``torchvision.models.resnet18``: a state dict saved from
 torchvision loads as it is.
 """
