@@ -261,7 +261,11 @@ class ShardStream:
         workers = self.cfg.num_workers
         dataset = _EpochDataset(self.shard_paths, batches, self.steps_done, workers, self.epoch, self.cfg)
         if workers > 0 and len(batches) > self.steps_done:
-            loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
+            # Its own generator: a DataLoader otherwise draws its workers' base seed from the
+            # global RNG, so starting one mid-epoch (after a resume) would shift every later
+            # dropout mask. Our workers need no seed: each sample seeds its own draws.
+            loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=self.cfg.prefetch_factor,
+                                persistent_workers=False, generator=torch.Generator().manual_seed(self.cfg.seed))
         else:
             loader = dataset
         for batch in loader:

@@ -14,37 +14,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from corpus_factory import frames_corpus  # noqa: E402
+from tiny_assets import train_tiny_tokenizer  # noqa: E402
 from fla_ds.config import load_config  # noqa: E402
 from fla_ds.shards import ShardFormatError, build_shards, load_index  # noqa: E402
 from fla_ds.vocab import TrimmedVocab, VocabError, build_vocab, build_vocab_files, load_tokenizer, shard_texts  # noqa: E402
 
-# German with umlauts and ß, so that the tokenizer splits characters into byte tokens.
-TOKENIZER_TEXTS = [
-    "am tag scheint die sonne über dem ganzen land",
-    "im süden und osten regnet es häufig, später auch gewitter",
-    "morgen früh gibt es nebel an den flüssen",
-    "die temperaturen liegen zwischen null und fünfzehn grad",
-    "im nordwesten weht ein frischer wind aus süd",
-    "grüße aus köln, heiße tage und kühle nächte",
-    "quantenphysik zebra yacht xylophon jodeln",
-    "satz über das wetter",
-]
-
-
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory) -> Path:
     """A byte-level BPE (GPT-2 style, as SmolLM2's) with BOS, EOS and UNK but no PAD."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TOKENIZER_TEXTS * 4, trainer)
-    folder = tmp_path_factory.mktemp("tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
-    return folder
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")

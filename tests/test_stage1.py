@@ -1,0 +1,172 @@
+"""Stage 1 for real: DeepSpeed ZeRO-2 and ZeRO-3 over gloo on 2 ranks, a tiny model on the
+synthetic corpus; preemption by signal and exact resume; checkpoint fallback; evaluation."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fla_ds.checkpoint import check_complete, step_dirs
+from fla_ds.trainer import fill_ds_config, load_ds_config
+from tiny_assets import synthetic_shards, train_tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = str(ROOT / "fla_ds" / "train.py")
+TINY = [
+    "visual.out_dim=32", "light_t.d_model=32", "light_t.heads=2", "light_t.encoder_layers=1", "light_t.decoder_layers=1",
+    "light_t.ffn=64", "light_t.adapter_hidden=32", "light_t.max_target_len=16", "light_t.dropout=0.1",
+    "stream.batch_size=2", "stream.num_workers=1", "stream.crop_size=28", "stream.keep_ratio=0.1", "stream.max_frames=6",
+    "train.global_batch=4", "train.optimizer=adamw", "train.lr=3e-3", "train.log_every=1", "train.beam_size=2",
+    "train.eval_limit=4", "train.max_decode_len=8",
+]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("stage1")
+    return {"shards": synthetic_shards(root), "tokenizer": train_tiny_tokenizer(root / "tokenizer")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cmd(assets: dict, out: Path, ranks: int, *overrides: str) -> list[str]:
+    args = [f"stream.shards={assets['shards']}", f"train.tokenizer={assets['tokenizer']}", f"train.out={out}", *TINY, *overrides]
+    if ranks == 1:
+        return [sys.executable, TRAIN, "--stage", "1", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), TRAIN, "--stage", "1", *args]
+
+
+def env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+def run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_every_shipped_deepspeed_json_fills_its_auto_values():
+    from fla_ds.config import load_config
+
+    cfg = load_config(None, ["train.global_batch=8", "stream.batch_size=2"])
+    for path in sorted((ROOT / "ds_configs").glob("*.json")):
+        filled = fill_ds_config(load_ds_config(str(path)), cfg, world=2, hidden_size=512)
+        text = json.dumps(filled)
+        assert '"auto"' not in text, path.name
+        assert filled["gradient_accumulation_steps"] == 2 and filled["train_batch_size"] == 8
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_ranks_train_and_the_loss_falls(assets, tmp_path, zero):
+    out = tmp_path / "run"
+    proc = run(train_cmd(assets, out, 2, f"train.ds_config=ds_configs/{zero}.json", "train.epochs=4", "train.max_steps=24"))
+    curve = losses(out)
+    steps = sorted(curve)
+    assert steps[-1] == 24
+    first, last = sum(curve[s] for s in steps[:4]) / 4, sum(curve[s] for s in steps[-4:]) / 4
+    assert last < first * 0.8, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    # Checkpoints: complete, self-contained, the encoder loads without DeepSpeed.
+    final = out / "step-24"
+    assert check_complete(final, hashes=True) is None
+    assert (out / "latest").read_text().strip() == "step-24"
+    for name in ("encoder.safetensors", "model.safetensors", "config.yaml", "vocab.json", "trainer.json", "tokenizer/tokenizer.json"):
+        assert (final / name).is_file(), name
+    from fla_ds.model import VisualEncoder
+
+    encoder = VisualEncoder(out_dim=32)
+    encoder.load_state_dict(load_file(str(final / "encoder.safetensors")))
+    # Evaluation ran on dev, decoded on both ranks, scored with its convention written down.
+    metrics = json.loads((out / "eval" / "step-24" / "metrics.json").read_text())
+    assert metrics["n"] == 4 and "signjoey" in metrics["convention"]
+    assert len((out / "eval" / "step-24" / "hypotheses.tsv").read_text().splitlines()) == 5
+    assert "eval:" in proc.stdout
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and max(losses(run_dir) or {0: 0}) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"run did not reach step {step}")
+
+
+def worker_pids(launcher_pid: int) -> list[int]:
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    return [int(c) for c in children]
+
+
+def test_signal_then_resume_matches_an_uninterrupted_run(assets, tmp_path):
+    settings = ["train.deterministic=true", "train.epochs=3", "train.max_steps=12", "train.save_every=0", "train.ds_config=ds_configs/zero2.json"]
+    reference = tmp_path / "reference"
+    run(train_cmd(assets, reference, 2, *settings))
+
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(train_cmd(assets, out, 2, *settings), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_step(out, 3, proc)
+        for pid in worker_pids(proc.pid):
+            os.kill(pid, signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    stopped = max(losses(out))
+    assert stopped < 12 and (out / f"step-{stopped}" / "COMPLETE").is_file()
+    assert "preempted" in (out / "metrics.jsonl").read_text()
+
+    run(train_cmd(assets, out, 2, *settings))  # the same command again: resumes by itself
+    a, b = losses(reference), losses(out)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), f"step {step}"
+    final_a = load_file(str(reference / "step-12" / "model.safetensors"))
+    final_b = load_file(str(out / "step-12" / "model.safetensors"))
+    for key in final_a:
+        torch.testing.assert_close(final_b[key], final_a[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(assets, tmp_path):
+    out = tmp_path / "run"
+    run(train_cmd(assets, out, 1, "train.epochs=1", "train.max_steps=4", "train.save_every=2", "train.eval_limit=2"))
+    assert [p.name for p in step_dirs(out)] == ["step-4", "step-2"]
+    damaged = out / "step-4" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-100])  # truncated
+    proc = run(train_cmd(assets, out, 1, "train.epochs=2", "train.max_steps=6", "train.save_every=2", "train.eval_limit=2"))
+    assert "step-4 is not usable" in proc.stderr and "resumed from" in proc.stderr
+    assert "step-2" in proc.stderr.split("resumed from")[1].splitlines()[0]
+    assert check_complete(out / "step-6", hashes=True) is None
+
+
+def test_evaluate_command_scores_a_checkpoint(assets, tmp_path):
+    out = tmp_path / "run"
+    run(train_cmd(assets, out, 1, "train.epochs=1", "train.max_steps=2", "train.eval_limit=2"))
+    proc = run([sys.executable, "-m", "fla_ds", "evaluate", "--checkpoint", str(out), "--shards", str(assets["shards"]), "--split", "dev", "--beam", "1"])
+    assert "bleu4" in proc.stdout and "signjoey" in proc.stdout
+    metrics = json.loads((out / "step-2" / "eval-dev" / "metrics.json").read_text())
+    assert metrics["n"] == 8
+
+
+def test_a_bad_config_key_stops_before_training(assets, tmp_path):
+    proc = subprocess.run([sys.executable, TRAIN, "--stage", "1", "train.lrr=1"], env=env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "did you mean 'train.lr'" in proc.stderr
