@@ -227,8 +227,10 @@ class EvalConfig:
 class DemoConfig:
     out: str = "demo-out"
     """Everything the demo makes goes under this folder (synth/, shards/, ...)."""
-    epochs: int = 2
-    """Epochs of batches streamed."""
+    epochs: int = 1
+    """Epochs of batches streamed to show the loader's throughput."""
+    final_beam: int = 5
+    """Beam size of the final dev evaluation (training evaluations use train.beam_size)."""
 
 
 @dataclass

@@ -291,10 +291,10 @@ class Trainer:
                 self.save()
             if cfg.eval_every and p.step % cfg.eval_every == 0:
                 self.log.event("eval", step=p.step, **self.evaluate())
-            if self.done():
-                return "budget"
             if self.stream.steps_done >= usable:
                 break
+            if self.done():
+                return "budget"
         return "epoch"
 
     def fit(self) -> int:
