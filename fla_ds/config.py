@@ -214,6 +214,37 @@ class TrainConfig:
 
 
 @dataclass
+class Stage2Config:
+    """Stage 2: the frozen stage-1 encoder, a new projector, and a pre-trained language model."""
+
+    encoder: str = ""
+    """The stage-1 checkpoint (a step-N folder, or a run folder: its best) whose encoder is used."""
+    features: str = ""
+    """A feature cache from `fla-ds features extract` to train from instead of video (the
+    encoder is frozen, so its output can be computed once)."""
+    backend: str = "decoder_only"
+    """decoder_only (LLaMA family, QLoRA) or mbart (encoder-decoder, the paper's)."""
+    model: str = ""
+    """Local Hugging Face folder of the language model; empty: the embedded SmolLM2-135M."""
+    qlora: bool = True
+    """decoder_only: 4-bit NF4 base (double quantisation) with LoRA adapters."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str = "all-linear"
+    prompt: str = "Übersetze das Gebärdensprachvideo ins Deutsche:"
+    """decoder_only: text after the visual tokens (in the corpus's language)."""
+    projector_hidden: int = 0
+    """Hidden size of the projector MLP (0: the language model's)."""
+    projector_lr: float = 1e-3
+    """The projector's own learning rate (train.lr is the language model's)."""
+    label_smoothing: float = 0.2
+    max_new_tokens: int = 48
+    num_beams: int = 5
+    max_target_tokens: int = 64
+
+
+@dataclass
 class EvalConfig:
     """How scores are computed (the convention is written next to every score)."""
 
@@ -239,6 +270,7 @@ class Config:
     visual: VisualConfig = field(default_factory=VisualConfig)
     light_t: LightTConfig = field(default_factory=LightTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
     eval: EvalConfig = field(default_factory=EvalConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)

@@ -90,7 +90,7 @@ class Stage1:
         self.hidden_size = cfg.light_t.d_model
         self.max_decode = cfg.train.max_decode_len or cfg.light_t.max_target_len
 
-    def build(self) -> torch.nn.Module:
+    def build(self, ds_config: dict) -> torch.nn.Module:
         model = build_translator(self.cfg, self.vocab)
         model.encoder.gradient_checkpointing = self.cfg.train.gradient_checkpointing
         if self.cfg.train.precision == "bf16" or (self.cfg.train.precision == "auto" and torch.cuda.is_available()):

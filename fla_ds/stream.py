@@ -18,6 +18,14 @@ the epoch and how many batches were consumed. The guarantee:
   no sample is repeated and none is skipped (beyond the training remainder described above).
 Augmentation draws from a random generator seeded by (seed, epoch, shard, position), so it does
 not depend on which worker or rank decodes a sample.
+
+The same planning serves the stage-2 feature cache (fla_ds.features; the index says
+``"kind": "features"``): batches then carry ``features`` (B, T, D) float16 padded with zeros
+and ``features_mask`` (B, T) instead of video. A cache may hold K views of every clip (view 0
+the evaluation crop, views 1.. random augmentations), stored as K sets of shards laid out
+alike: shard s, position i is the same clip in every view. The plan is made over clips, so
+epochs, ranks and resume are exactly as for video; a training epoch reads each clip from one
+view, ``pick_view(seed, epoch, clip)``, and evaluation always reads view 0.
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fla_ds.augment import collate_clips, eval_crop, sample_frame_indices, train_crop
 from fla_ds.shards import load_index
-from fla_ds.shards.format import ShardFormatError, iter_raw_samples, parse_sample
+from fla_ds.shards.format import ShardFormatError, iter_raw_samples, parse_feature_sample, parse_sample
 
 Ref = tuple[int, int]  # (shard number in the index, sample position in that shard)
 
@@ -118,16 +126,61 @@ def remaining_order(order: list[Ref], history: list[tuple[Layout, int]], train: 
     return order
 
 
+def pick_view(seed: int, epoch: int, ref: Ref, views: int) -> int:
+    """The view a training epoch reads a clip from: a function of (seed, epoch, clip) alone,
+    so any rank, worker or resumed run reads the same one."""
+    if views <= 1:
+        return 0
+    return random.Random(f"fla_ds-view:{seed}:{epoch}:{ref[0]}:{ref[1]}").randrange(views)
+
+
 # ------------------------------------------------------------------ reading and decoding
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards of one split as its index lists them: ``views[v][s]`` is shard s of view v
+    (video shards have one view), every view with the same ``counts``."""
+
+    kind: str
+    views: tuple[tuple[str, ...], ...]
+    counts: tuple[int, ...]
+    fingerprint: str
+
+    @classmethod
+    def from_index(cls, folder: str, split: str) -> "ShardSet":
+        index = load_index(folder, split)
+        kind, views = index.get("kind", "video"), int(index.get("views", 1))
+        if kind not in ("video", "features"):
+            raise ShardFormatError(f"{folder}/index.json: split '{split}' has kind '{kind}', not video or features")
+        entries: list[list[dict]] = [[] for _ in range(views)]
+        for s in index["shards"]:
+            view = int(s.get("view", 0))
+            if not 0 <= view < views:
+                raise ShardFormatError(f"{folder}/index.json: shard {s['name']} has view {view} of a split with {views}")
+            entries[view].append(s)
+        counts = [tuple(s["samples"] for s in view) for view in entries]
+        if any(c != counts[0] for c in counts):  # clips are found by (shard, position) in every view
+            raise ShardFormatError(f"{folder}/index.json: the views of split '{split}' are not laid out alike")
+        paths = tuple(tuple(str(Path(folder) / s["name"]) for s in view) for view in entries)
+        return cls(kind, paths, counts[0], index["plan_fingerprint"])
+
+    @property
+    def payload(self) -> str:
+        return "features" if self.kind == "features" else "frames"
 
 
 class _EpochDataset(IterableDataset):
     """One rank's batches of one epoch, from ``start_step`` on; each worker takes every
     ``workers``-th step, so that the DataLoader's round-robin yields them in step order."""
 
-    def __init__(self, shard_paths: list[str], batches: list, start_step: int, workers: int, epoch: int, cfg):
-        self.shard_paths, self.batches, self.start_step = shard_paths, batches, start_step
-        self.workers, self.epoch, self.cfg = workers, epoch, cfg
+    def __init__(self, shards: ShardSet, batches: list, start_step: int, workers: int, epoch: int, cfg, augment: bool):
+        self.shards, self.batches, self.start_step = shards, batches, start_step
+        self.workers, self.epoch, self.cfg, self.augment = workers, epoch, cfg, augment
+        self.views = len(shards.views) if cfg.train else 1  # evaluation reads view 0 only
+
+    def view_of(self, ref: Ref) -> int:
+        return pick_view(self.cfg.seed, self.epoch, ref, self.views)
 
     def my_steps(self) -> list[int]:
         info = get_worker_info()
@@ -139,18 +192,28 @@ class _EpochDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         total, workers = len(self.batches), max(1, self.workers)
         chosen = [(k, self.batches[batch_of_step(k, total, workers)]) for k in self.my_steps()]
-        raw = _RunReader(self.shard_paths, [ref for _, batch in chosen for ref, _ in batch])
+        raw = _RunReader(self.shards, [ref for _, batch in chosen for ref, _ in batch], self.view_of)
         for k, batch in chosen:
             yield self._collate(k, [(self.decode_sample(ref, raw.take(ref)), valid) for ref, valid in batch])
 
     def decode_sample(self, ref: Ref, raw: dict) -> dict:
-        shard = self.shard_paths[ref[0]]
+        if self.shards.kind == "features":
+            return self.decode_features(ref, raw)
+        return self.decode_video(ref, raw)
+
+    def decode_features(self, ref: Ref, raw: dict) -> dict:
+        view = self.view_of(ref)
+        meta, features = parse_feature_sample(self.shards.views[view][ref[0]], raw)
+        return {"features": features, "id": meta.get("id", raw["__key__"]), "text": meta["text"], "key": raw["__key__"], "view": view}
+
+    def decode_video(self, ref: Ref, raw: dict) -> dict:
+        shard = self.shards.views[0][ref[0]]
         meta, pack = parse_sample(shard, raw)
         cfg = self.cfg
         rng = random.Random(f"fla_ds-sample:{cfg.seed}:{self.epoch}:{ref[0]}:{ref[1]}")
-        indices = sample_frame_indices(len(pack), rng, cfg.keep_ratio, cfg.stride_jitter, cfg.max_frames, cfg.train)
+        indices = sample_frame_indices(len(pack), rng, cfg.keep_ratio, cfg.stride_jitter, cfg.max_frames, self.augment)
         affine = None
-        if cfg.train:
+        if self.augment:
             box, affine = train_crop(meta["width"], meta["height"], cfg.crop_fraction, rng, cfg.crop_scale_min, cfg.max_rotation)
         else:
             box = eval_crop(meta["width"], meta["height"], cfg.crop_fraction)
@@ -161,30 +224,42 @@ class _EpochDataset(IterableDataset):
                 if im.mode != "RGB":
                     im = im.convert("RGB")
                 clip[t] = np.asarray(im.crop(box))
-        return {"video": clip, "affine": affine, "id": meta["id"], "text": meta["text"], "num_frames": len(pack)}
+        return {"video": clip, "affine": affine, "id": meta["id"], "text": meta["text"], "num_frames": len(pack), "key": raw["__key__"]}
 
     def _collate(self, step: int, items: list[tuple[dict, bool]]) -> dict:
-        video, mask = collate_clips([s["video"] for s, _ in items])
-        affine = torch.tensor([s["affine"] for s, _ in items]) if self.cfg.train else None
-        return {
-            "video": video,
-            "video_mask": mask,
-            "affine": affine,
+        common = {
             "text": [s["text"] for s, _ in items],
             "id": [s["id"] for s, _ in items],
+            "key": [s["key"] for s, _ in items],
             "valid": torch.tensor([v for _, v in items]),
             "step": step,
             "epoch": self.epoch,
         }
+        if self.shards.kind == "features":
+            features, mask = collate_features([s["features"] for s, _ in items])
+            return {"features": features, "features_mask": mask, "view": torch.tensor([s["view"] for s, _ in items]), **common}
+        video, mask = collate_clips([s["video"] for s, _ in items])
+        affine = torch.tensor([s["affine"] for s, _ in items]) if self.augment else None
+        return {"video": video, "video_mask": mask, "affine": affine, **common}
+
+
+def collate_features(arrays: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (T, D) float16 features to the longest: (B, T, D) with zeros on padding (as the
+    encoder leaves them) and a (B, T) mask, True on real positions."""
+    lengths = torch.tensor([a.shape[0] for a in arrays])
+    out = torch.zeros((len(arrays), int(lengths.max()), arrays[0].shape[1]), dtype=torch.float16)
+    for i, a in enumerate(arrays):
+        out[i, : a.shape[0]] = torch.from_numpy(a)
+    return out, torch.arange(out.shape[1])[None, :] < lengths[:, None]
 
 
 class _RunReader:
     """Raw samples in the order a worker needs them: each run of consecutive samples from
-    one shard is read in one pass over that shard, keeping only those samples (raw bytes, at
-    most one shard's worth in memory)."""
+    one shard is read in one pass over that shard (over each view's copy of it that the run
+    reads from), keeping only those samples (raw bytes, at most one shard's worth in memory)."""
 
-    def __init__(self, shard_paths: list[str], refs: list[Ref]):
-        self.shard_paths, self.pending = shard_paths, refs
+    def __init__(self, shards: ShardSet, refs: list[Ref], view_of):
+        self.shards, self.pending, self.view_of = shards, refs, view_of
         self.cursor = 0
         self.cache: dict[Ref, dict] = {}
         self.uses = Counter(refs)  # evaluation padding repeats a sample
@@ -202,12 +277,15 @@ class _RunReader:
         end = self.cursor
         while end < len(self.pending) and self.pending[end][0] == shard:
             end += 1
-        wanted = {pos for _, pos in self.pending[self.cursor : end]}
-        path = self.shard_paths[shard]
-        for raw in iter_raw_samples(path, wanted):
-            self.cache[(shard, raw["__pos__"])] = raw
-        if any((shard, pos) not in self.cache for pos in wanted):
-            raise ShardFormatError(f"{path}: has fewer samples than its index entry says")
+        by_view: dict[int, set[int]] = {}
+        for ref in self.pending[self.cursor : end]:
+            by_view.setdefault(self.view_of(ref), set()).add(ref[1])
+        for view, wanted in sorted(by_view.items()):
+            path = self.shards.views[view][shard]
+            for raw in iter_raw_samples(path, wanted, self.shards.payload):
+                self.cache[(shard, raw["__pos__"])] = raw
+            if any((shard, pos) not in self.cache for pos in wanted):
+                raise ShardFormatError(f"{path}: has fewer samples than its index entry says")
         self.cursor = end
 
 
@@ -219,18 +297,21 @@ class ShardStream:
 
     Usage: ``stream = ShardStream(cfg.stream, rank, world_size)``; per epoch
     ``stream.set_epoch(e)`` then ``for batch in stream``; checkpoint ``stream.state_dict()``.
+    ``augment`` (default ``cfg.train``) decouples the random augmentation of video from the
+    training plan: the feature extractor plans as evaluation (every clip once) but augments.
     """
 
-    def __init__(self, cfg, rank: int = 0, world_size: int = 1, shuffle: Optional[bool] = None, limit: int = 0):
+    def __init__(self, cfg, rank: int = 0, world_size: int = 1, shuffle: Optional[bool] = None, limit: int = 0,
+                 augment: Optional[bool] = None):
         self.cfg = cfg
         self.limit = limit  # only the first ``limit`` samples of each epoch's order (quick evaluations)
         self.rank, self.world_size = rank, world_size
         self.shuffle = cfg.train if shuffle is None else shuffle
-        index = load_index(cfg.shards, cfg.split)
-        folder = Path(cfg.shards)
-        self.shard_paths = [str(folder / s["name"]) for s in index["shards"]]
-        self.counts = [s["samples"] for s in index["shards"]]
-        self.fingerprint = index["plan_fingerprint"]
+        self.augment = cfg.train if augment is None else augment
+        self.shards = ShardSet.from_index(cfg.shards, cfg.split)
+        self.kind = self.shards.kind
+        self.counts = list(self.shards.counts)
+        self.fingerprint = self.shards.fingerprint
         self.layout = Layout(world_size, cfg.batch_size, cfg.num_workers)
         self.epoch = 0
         self.history: list[tuple[Layout, int]] = []  # layouts of this epoch before a resume
@@ -259,7 +340,7 @@ class ShardStream:
     def __iter__(self) -> Iterator[dict]:
         batches = self._batches()
         workers = self.cfg.num_workers
-        dataset = _EpochDataset(self.shard_paths, batches, self.steps_done, workers, self.epoch, self.cfg)
+        dataset = _EpochDataset(self.shards, batches, self.steps_done, workers, self.epoch, self.cfg, self.augment)
         if workers > 0 and len(batches) > self.steps_done:
             # Its own generator: a DataLoader otherwise draws its workers' base seed from the
             # global RNG, so starting one mid-epoch (after a resume) would shift every later

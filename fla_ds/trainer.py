@@ -46,7 +46,9 @@ class Stage(Protocol):
     hidden_size: int
     """Sizes ZeRO-3's buckets ("auto" values)."""
 
-    def build(self) -> torch.nn.Module: ...
+    def build(self, ds_config: dict) -> torch.nn.Module:
+        """The module DeepSpeed wraps (what is trained). ``ds_config`` is the resolved
+        DeepSpeed config: Hugging Face models need it before loading under ZeRO-3."""
 
     def param_groups(self, model: torch.nn.Module) -> list[dict]: ...
 
@@ -188,11 +190,11 @@ class Trainer:
             save_resolved(cfg, self.run_dir)
         self.stream = ShardStream(OmegaConf.merge(cfg.stream, {"split": "train", "train": True}), self.rank, self.world)
         self.gas = accumulation_steps(cfg.train.global_batch, cfg.stream.batch_size, self.world)
-        model = stage.build()
+        ds_config = fill_ds_config(load_ds_config(cfg.train.ds_config), cfg, self.world, stage.hidden_size)
+        model = stage.build(ds_config)
         self.total_steps = self.planned_steps()
         optimizer = build_optimizer(stage.param_groups(model), cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio))
-        ds_config = fill_ds_config(load_ds_config(cfg.train.ds_config), cfg, self.world, stage.hidden_size)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         checkpoint.install_safe_loading(self.engine)
         self.progress = Progress()

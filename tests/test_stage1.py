@@ -17,17 +17,11 @@ from safetensors.torch import load_file
 
 from fla_ds.checkpoint import check_complete, step_dirs
 from fla_ds.trainer import fill_ds_config, load_ds_config
-from tiny_assets import synthetic_shards, train_tiny_tokenizer
+from tiny_assets import TINY_STAGE1, synthetic_shards, train_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "fla_ds" / "train.py")
-TINY = [
-    "visual.out_dim=32", "light_t.d_model=32", "light_t.heads=2", "light_t.encoder_layers=1", "light_t.decoder_layers=1",
-    "light_t.ffn=64", "light_t.adapter_hidden=32", "light_t.max_target_len=16", "light_t.dropout=0.1",
-    "stream.batch_size=2", "stream.num_workers=1", "stream.crop_size=28", "stream.keep_ratio=0.1", "stream.max_frames=6",
-    "train.global_batch=4", "train.optimizer=adamw", "train.lr=3e-3", "train.log_every=1", "train.beam_size=2",
-    "train.eval_limit=4", "train.max_decode_len=8",
-]
+TINY = TINY_STAGE1
 
 
 @pytest.fixture(scope="module")

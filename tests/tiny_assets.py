@@ -16,6 +16,15 @@ TOKENIZER_TEXTS = [
     "satz über das wetter",
 ]
 
+# A stage-1 model and loader small enough for CPU tests (2-layer Light-T, 28-pixel crops).
+TINY_STAGE1 = [
+    "visual.out_dim=32", "light_t.d_model=32", "light_t.heads=2", "light_t.encoder_layers=1", "light_t.decoder_layers=1",
+    "light_t.ffn=64", "light_t.adapter_hidden=32", "light_t.max_target_len=16", "light_t.dropout=0.1",
+    "stream.batch_size=2", "stream.num_workers=1", "stream.crop_size=28", "stream.keep_ratio=0.1", "stream.max_frames=6",
+    "train.global_batch=4", "train.optimizer=adamw", "train.lr=3e-3", "train.log_every=1", "train.beam_size=2",
+    "train.eval_limit=4", "train.max_decode_len=8",
+]
+
 
 def train_tiny_tokenizer(folder: Path, texts: Iterable[str] = TOKENIZER_TEXTS, vocab_size: int = 600) -> Path:
     """A byte-level BPE with BOS, EOS and UNK but no PAD, saved as a Hugging Face folder."""
@@ -46,3 +55,56 @@ def synthetic_shards(root: Path, train: int = 24, dev: int = 8, size: int = 32, 
     for split in ("train", "dev"):
         build_shards(OmegaConf.merge(cfg, {"corpus": {"name": "synthetic", "root": cfg.synth.out, "split": split}}), progress_bar=False)
     return root / "shards"
+
+
+def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A random 2-layer LLaMA (hidden 64) with the tiny tokenizer, saved as a Hugging Face
+    folder so that the real ``from_pretrained`` path (4-bit quantisation included) runs."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    train_tiny_tokenizer(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    # initializer_range 0.1, not 0.02: at width 64 the default keeps every logit so small that
+    # even a model that has learnt its two test sentences stays near ln(vocab) in loss.
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None,
+    )
+    with torch.random.fork_rng():  # leaves the caller's random stream alone
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+TINY_MBART_LANG = "de_DE"
+
+
+def save_tiny_mbart(folder: Path, texts: Iterable[str] = TOKENIZER_TEXTS, vocab_size: int = 600, seed: int = 0) -> Path:
+    """A random mBART (d_model 32, 1 encoder + 1 decoder layer) with a byte-level BPE laid out
+    like mBART's (<s>=0, <pad>=1, </s>=2, <unk>=3) plus a language code, saved as a folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import MBartConfig, MBartForConditionalGeneration, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", TINY_MBART_LANG]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts) * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>", additional_special_tokens=[TINY_MBART_LANG]
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    config = MBartConfig(
+        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128, scale_embedding=True,
+        bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        MBartForConditionalGeneration(config).save_pretrained(folder)
+    return folder

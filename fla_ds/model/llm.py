@@ -1,0 +1,338 @@
+"""Stage 2, decoder-only backend: a LLaMA-family model in 4-bit NF4 with LoRA (QLoRA) reading
+the frozen encoder's features as soft tokens in front of a text prompt.
+
+    features (B, T, D) --Projector--> visual tokens --+
+    prompt + target ids --LLM input embeddings-------+--> [BOS] visual prompt target EOS --> LLM
+
+Loading order under ZeRO-3: the caller creates ``HfDeepSpeedConfig(ds_config)`` (and keeps a
+reference to it) BEFORE calling ``load_decoder_only``, so that ``from_pretrained`` partitions
+the weights while loading; then wraps ``VisualLLM`` with ``deepspeed.initialize``. Everything
+here runs the model through its modules (never reads a weight's values), so the ZeRO-3 hooks
+gather what each call needs; ``generate`` must then get ``synced_gpus=True`` on every rank.
+
+A saved adapter is a plain peft folder: ``PeftModel.from_pretrained(base, folder)`` loads it
+in a process without DeepSpeed (``load_for_inference`` does that with the same dtypes as
+training, so its outputs equal the trained model's).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+"""Label of a position that is not a target token (cross-entropy skips it)."""
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def nf4_config(dtype: torch.dtype):
+    """QLoRA's quantisation: NF4 with double quantisation. Compute and storage dtype are the
+    training dtype: ZeRO-3 partitions and gathers parameters by dtype, and a 4-bit weight
+    stored as uint8 beside bf16 parameters breaks its flat buffers."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def keep_4bit_weights_unpacked(model: nn.Module) -> int:
+    """Turn off bitsandbytes' CPU repacking on every ``Linear4bit``; returns how many.
+
+    Why: bitsandbytes 0.50.2, on a CPU with AVX512-BF16 (the machines this project runs on),
+    rewrites a 4-bit weight IN PLACE into a CPU-only packed layout the first time the layer
+    runs in eval mode without grad, i.e. on the first ``generate``. Nothing fails, but from
+    then on: the weight's dtype and shape change (uint8 instead of the storage dtype), so
+    ZeRO-3 generates garbage and ``save_checkpoint`` crashes; gradients through the layer are
+    silently wrong (the packed kernel has no autograd formula), so training after an
+    evaluation degrades; and ``save_pretrained`` converts the weight back lossily, changing
+    the model it saves from. Off everywhere, so every machine computes alike; it only costs
+    some CPU inference speed. ``tests/test_llm_backends.py`` keeps the regression test."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # no bitsandbytes, so no 4-bit layer to fix
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def cast_floating_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every floating parameter to ``dtype``, except the 4-bit weights.
+
+    ``prepare_model_for_kbit_training`` upcasts norms, embeddings and the LM head to fp32 and
+    peft may create LoRA weights in fp32; ZeRO-3 under bf16 refuses a model of mixed dtypes.
+    A ``Params4bit`` stored as bf16 looks floating but holds packed 4-bit codes: casting it
+    would destroy it, so it is skipped by type (peft skips it the same way)."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype and type(param).__name__ != "Params4bit":
+            param.data = param.data.to(dtype)
+
+
+def load_generation_tokenizer(path: str | os.PathLike):
+    """The model's tokenizer, padding on the LEFT (batched generation continues every row from
+    the right edge) and with a pad token (EOS where it has none, as LLaMA's)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer in {path} has no EOS token: generation could never stop")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(path: str | os.PathLike, qlora: bool, dtype: torch.dtype, device_map=None):
+    """The causal LM from a local folder, in 4-bit NF4 when ``qlora``; repacking turned off."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"local_files_only": True, "dtype": dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if qlora:
+        kwargs["quantization_config"] = nf4_config(dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    fixed = keep_4bit_weights_unpacked(model)
+    if qlora and fixed == 0:
+        raise RuntimeError(f"{path} loaded in 4-bit but holds no bitsandbytes Linear4bit layer")
+    return model
+
+
+def freeze_base(model, qlora: bool, gradient_checkpointing: bool):
+    """Freeze every base weight (LoRA adds the trainable ones) and turn on activation
+    checkpointing when asked; for 4-bit, peft's ``prepare_model_for_kbit_training``.
+
+    Reentrant checkpointing: the non-reentrant kind checks the shapes of saved tensors on
+    recompute, and under ZeRO-3 frozen weights are partitioned again by then (shape [0]), which
+    fails (huggingface/transformers#47254). Reentrant checkpointing needs its inputs to require
+    grad, which the projector's output does (and ``enable_input_require_grads`` ensures)."""
+    kwargs = {"use_reentrant": True}
+    if qlora:
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=kwargs)
+    model.requires_grad_(False)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        model.enable_input_require_grads()
+    return model
+
+
+def load_decoder_only(
+    path: str | os.PathLike,
+    qlora: bool = True,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    target_modules: str | Sequence[str] = "all-linear",
+    dtype: torch.dtype = torch.bfloat16,
+    gradient_checkpointing: bool = True,
+    device_map=None,
+):
+    """(peft model, tokenizer) ready for stage-2 training.
+
+    ``qlora``: the base in 4-bit NF4 (QLoRA); False loads it in ``dtype`` (tests, GPU runs in
+    full precision); LoRA is applied either way, and only LoRA parameters are trainable.
+    Every floating parameter ends in ``dtype`` (ZeRO-3 + bf16 needs that; DeepSpeed keeps the
+    fp32 master copies of the trainable ones). Under ZeRO-3, call this after creating
+    ``HfDeepSpeedConfig`` (see the module docstring). ``device_map`` (e.g. ``{"": local_rank}``)
+    quantises straight onto a GPU instead of on the CPU first; leave it None under ZeRO-3,
+    which places the weights itself."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = load_generation_tokenizer(path)
+    model = freeze_base(load_base(path, qlora, dtype, device_map), qlora, gradient_checkpointing)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules)
+    model = get_peft_model(model, lora, autocast_adapter_dtype=False)
+    cast_floating_params(model, dtype)
+    model.config.use_cache = False  # training; generate turns the cache on for itself
+    return model, tokenizer
+
+
+def save_adapter(model, folder: str | os.PathLike, state_dict: Optional[dict] = None) -> None:
+    """The LoRA adapter as a Hugging Face peft folder (adapter_config.json +
+    adapter_model.safetensors). ``model``: a ``VisualLLM`` or the peft model. Under ZeRO-3
+    the parameters are partitioned: pass a gathered ``state_dict`` (of either; peft keeps only
+    the adapter's entries) and call it on one rank."""
+    peft_model = model.llm if isinstance(model, VisualLLM) else model
+    if state_dict is not None and isinstance(model, VisualLLM):
+        # A VisualLLM's names carry "llm." in front of the peft model's own.
+        state_dict = {k[len("llm."):] if k.startswith("llm.") else k: v for k, v in state_dict.items()}
+    peft_model.save_pretrained(str(folder), state_dict=state_dict, safe_serialization=True)
+
+
+def load_for_inference(base_path: str | os.PathLike, adapter_folder: str | os.PathLike, qlora: bool = True, dtype: torch.dtype = torch.bfloat16):
+    """(peft model in eval mode, tokenizer): the base as in training (4-bit when ``qlora``,
+    every other weight in ``dtype``) with the saved adapter, frozen. No DeepSpeed needed."""
+    from peft import PeftModel
+
+    tokenizer = load_generation_tokenizer(base_path)
+    model = PeftModel.from_pretrained(load_base(base_path, qlora, dtype), str(adapter_folder), autocast_adapter_dtype=False)
+    cast_floating_params(model, dtype)  # the same dtypes as in training, so the same outputs
+    return model.eval(), tokenizer
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+@dataclass
+class LMBatch:
+    """One left-padded batch of input embeddings for the LLM."""
+
+    embeds: torch.Tensor  # (B, L, H)
+    attention_mask: torch.Tensor  # (B, L) long, 0 on padding
+    position_ids: torch.Tensor  # (B, L) long
+    labels: Optional[torch.Tensor]  # (B, L) long, IGNORE_INDEX except target tokens + EOS
+
+
+def leading_special_ids(tokenizer) -> list[int]:
+    """BOS if this tokenizer puts one in front of a text (LLaMA 2 and 3 do, SmolLM2 does not):
+    the sequence then starts the way the model saw every sequence start in pre-training."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    return [bos] if ids[:1] == [bos] else []
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counted over real positions only, exactly as Hugging Face ``generate``
+    derives them (padding gets 0), so training and generation place every token alike."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+def left_pad(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_i, H) rows -> (B, L, H) zeros-padded on the left, and the (B, L) long mask."""
+    width = max(len(r) for r in rows)
+    embeds = torch.stack([F.pad(r, (0, 0, width - len(r), 0)) for r in rows])
+    lengths = torch.tensor([len(r) for r in rows], device=embeds.device)
+    mask = torch.arange(width, device=embeds.device)[None, :] >= (width - lengths)[:, None]
+    return embeds, mask.long()
+
+
+class VisualLLM(nn.Module):
+    """Projector + causal LM. Each row is, left-padded to the batch's longest:
+
+        [BOS] v_1 .. v_n  prompt tokens  target tokens EOS
+
+    where v_1..v_n are the projected features of the clip's REAL frames only (padded frames
+    are dropped, so all padding of a row sits on its left and carries attention mask 0).
+    Labels are IGNORE_INDEX everywhere except the target tokens and EOS: the loss is on the
+    translation only. The target is tokenized on its own (no leading space), the same way in
+    training and in generation, so generated ids decode straight into the text.
+
+    ``max_target_tokens``: longer targets are cut (EOS kept) to bound memory."""
+
+    def __init__(self, llm, tokenizer, projector: nn.Module, prompt: str, max_target_tokens: Optional[int] = None):
+        super().__init__()
+        self.llm = llm
+        self.projector = projector
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.max_target_tokens = max_target_tokens
+        self.head_ids = leading_special_ids(tokenizer)
+        self.prompt_ids: list[int] = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+    # ---------------------------------------------------------------- inputs
+
+    def target_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, cut to ``max_target_tokens``, then EOS."""
+        rows = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        cut = self.max_target_tokens
+        return [(row[:cut] if cut else row) + [self.eos_id] for row in rows]
+
+    def embed_text(self, rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+        """(B, max len, H) input embeddings of right-padded id rows, in one call of the LLM's
+        embedding module (under ZeRO-3 its hook gathers the partitioned table)."""
+        ids = torch.full((len(rows), max(len(r) for r in rows)), self.pad_id, dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
+        return self.llm.get_input_embeddings()(ids)
+
+    def build_batch(self, features: torch.Tensor, feat_mask: torch.Tensor, targets: Optional[list[list[int]]]) -> LMBatch:
+        """Rows as in the class docstring; ``targets`` None gives generation inputs (no target)."""
+        device = features.device
+        feat_mask = feat_mask.to(device=device, dtype=torch.bool)
+        tails = [self.prompt_ids + t for t in targets] if targets is not None else [self.prompt_ids] * len(features)
+        text_rows = [self.head_ids + tail for tail in tails]
+        text = self.embed_text(text_rows, device)
+        # The projector may run in another dtype (fp32 features, bf16 LLM): the LLM's own.
+        visual = self.projector(features).to(text.dtype)
+        n_head = len(self.head_ids)
+        rows = [
+            torch.cat([text[i, :n_head], visual[i][feat_mask[i]], text[i, n_head : len(text_rows[i])]])
+            for i in range(len(text_rows))
+        ]
+        embeds, attention_mask = left_pad(rows)
+        labels = None
+        if targets is not None:
+            # Every row ends with its target, so after left padding the targets are right-aligned.
+            labels = torch.full(attention_mask.shape, IGNORE_INDEX, dtype=torch.long, device=device)
+            for i, target in enumerate(targets):
+                labels[i, labels.shape[1] - len(target) :] = torch.tensor(target, dtype=torch.long, device=device)
+        return LMBatch(embeds, attention_mask, positions_from_mask(attention_mask), labels)
+
+    # ---------------------------------------------------------------- training
+
+    def forward(self, features: torch.Tensor, feat_mask: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss_sum, n_tokens)``: cross-entropy SUMMED over the target tokens and EOS, and
+        how many there are; the training loop divides by the count all-reduced across ranks
+        (Hugging Face's own loss is a per-batch mean, which would weigh tokens unequally)."""
+        targets = self.target_ids(texts)
+        batch = self.build_batch(features, feat_mask, targets)
+        width = batch.labels.shape[1]
+        # Targets are right-aligned: logits are needed only for the last (longest target + 1)
+        # positions, which spares the (B, L, vocab) tensor over visual and prompt tokens.
+        keep = min(max(len(t) for t in targets) + 1, width)
+        out = self.llm(
+            inputs_embeds=batch.embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            logits_to_keep=keep,
+        )
+        logits = out.logits[:, :-1]  # positions width-keep .. width-2 predict the next token
+        labels = batch.labels[:, width - keep + 1 :]
+        counted = labels != IGNORE_INDEX
+        loss = F.cross_entropy(logits[counted].float(), labels[counted], reduction="sum")
+        return loss, counted.sum()
+
+    # ---------------------------------------------------------------- inference
+
+    @torch.no_grad()
+    def generate(
+        self, features: torch.Tensor, feat_mask: torch.Tensor, max_new_tokens: int = 64, num_beams: int = 5, synced_gpus: bool = False
+    ) -> list[str]:
+        """Beam search from [BOS] visual prompt; one string per clip. Put the module in eval
+        mode first (LoRA dropout). ``synced_gpus=True`` on every rank under ZeRO-3."""
+        batch = self.build_batch(features, feat_mask, None)
+        # Without input_ids, generate returns only the new tokens.
+        out = self.llm.generate(
+            inputs_embeds=batch.embeds,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            synced_gpus=synced_gpus,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            use_cache=True,
+        )
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return [t.strip() for t in texts]
