@@ -217,3 +217,16 @@ def load_checkpoint(engine, step_dir: Path) -> dict:
     if rng_file.is_file():  # absent when the number of ranks changed
         set_rng_state(json.loads(rng_file.read_text("utf-8")))
     return json.loads((step_dir / "trainer.json").read_text("utf-8"))
+
+
+def resolve_step_dir(path: str | Path) -> Path:
+    """A complete step folder, or a run folder's best checkpoint (else its latest)."""
+    p = Path(path)
+    if (p / "COMPLETE").is_file():
+        return p
+    best = read_best(p)
+    names = ([best["step"]] if best else []) + ([(p / "latest").read_text().strip()] if (p / "latest").is_file() else [])
+    for name in names:
+        if (p / name / "COMPLETE").is_file():
+            return p / name
+    raise FileNotFoundError(f"{path} is neither a complete step-N checkpoint nor a run folder with one")

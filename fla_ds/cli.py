@@ -84,10 +84,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from fla_ds.distributed import init_distributed, shutdown
     from fla_ds.evaluate.run import evaluate_split
-    from fla_ds.stage1 import Translator
+    from fla_ds.inference import load_translator
 
     step_dir = resolve_checkpoint(args.checkpoint)
-    translator = Translator(step_dir, beam_size=args.beam)
+    translator = load_translator(step_dir, beam_size=args.beam)
     cfg = OmegaConf.merge(translator.cfg, {"stream": {"shards": args.shards}, "train": {"eval_limit": args.limit}})
     if args.overrides:
         load_config(None, args.overrides)  # refuses unknown keys and wrong types
@@ -107,17 +107,48 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def resolve_checkpoint(path: str) -> Path:
-    """A step folder, or a run folder (its best checkpoint, else its latest)."""
-    from fla_ds.checkpoint import read_best
+    from fla_ds.checkpoint import resolve_step_dir
 
-    p = Path(path)
-    if (p / "COMPLETE").is_file():
-        return p
-    best = read_best(p)
-    for name in ([best["step"]] if best else []) + ([(p / "latest").read_text().strip()] if (p / "latest").is_file() else []):
-        if (p / name / "COMPLETE").is_file():
-            return p / name
-    raise UsageError(f"{path} is neither a complete step-N checkpoint nor a run folder with one")
+    try:
+        return resolve_step_dir(path)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    """Encode shards with a frozen stage-1 encoder; spread over ranks under torchrun."""
+    from fla_ds.distributed import init_distributed, shutdown
+    from fla_ds.features import extract_features
+
+    step_dir = resolve_checkpoint(args.checkpoint)
+    placement = init_distributed()
+    try:
+        for split in args.split:
+            entry = extract_features(step_dir, args.shards, args.out, split=split, views=args.views, batch_size=args.batch_size, num_workers=args.workers)
+            if placement.rank == 0 and entry:
+                print(f"features {split}: {entry['clips']} clips x {args.views} view(s), dim {entry['dim']}, {entry['bytes'] / 1e6:.1f} MB -> {args.out}")
+    finally:
+        shutdown()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fla_ds.inference import export_bundle
+
+    out = export_bundle(resolve_checkpoint(args.checkpoint), args.out, merge=args.merge)
+    print(f"inference bundle written to {out}")
+    return 0
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from fla_ds.inference import translate_paths
+
+    missing = [p for p in args.inputs if not Path(p).exists()]
+    if missing:
+        raise UsageError(f"no such video file or frame folder: {missing[0]}")
+    for path, text in zip(args.inputs, translate_paths(args.model, args.inputs, beam_size=args.beam)):
+        print(f"{path}\t{text}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -172,6 +203,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for hypotheses.tsv and metrics.json (default: beside the checkpoint)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_evaluate)
+
+    features = sub.add_parser("features", help="the stage-2 feature cache").add_subparsers(dest="features_command", required=True)
+    p = features.add_parser("extract", help="encode shards with a frozen stage-1 encoder into feature shards")
+    p.add_argument("--checkpoint", required=True, help="stage-1 step folder, or run folder (its best)")
+    p.add_argument("--shards", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", nargs="+", default=["train", "dev"])
+    p.add_argument("--views", type=int, default=1, help="1 + the number of augmented views per training clip")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("export", help="a standalone inference bundle from a stage-2 checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--merge", action="store_true", help="fold the LoRA adapter into full-precision base weights")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("translate", help="translate video files or frame folders")
+    p.add_argument("--model", required=True, help="a bundle, or a stage-1/stage-2 step folder")
+    p.add_argument("--beam", type=int, default=0)
+    p.add_argument("inputs", nargs="+")
+    p.set_defaults(func=cmd_translate)
 
     p = sub.add_parser("bench", help="benchmarks that print figures and ratios against a baseline")
     p.add_argument("what", choices=["data"])

@@ -238,7 +238,10 @@ class Stage2Config:
     """Hidden size of the projector MLP (0: the language model's)."""
     projector_lr: float = 1e-3
     """The projector's own learning rate (train.lr is the language model's)."""
+    tgt_lang: str = ""
+    """mbart: the target language code the decoder starts from (mBART-cc25: de_DE, zh_CN, en_XX)."""
     label_smoothing: float = 0.2
+    """mbart: label smoothing of the loss (the paper's 0.2)."""
     max_new_tokens: int = 48
     num_beams: int = 5
     max_target_tokens: int = 64

@@ -209,21 +209,8 @@ class _EpochDataset(IterableDataset):
     def decode_video(self, ref: Ref, raw: dict) -> dict:
         shard = self.shards.views[0][ref[0]]
         meta, pack = parse_sample(shard, raw)
-        cfg = self.cfg
-        rng = random.Random(f"fla_ds-sample:{cfg.seed}:{self.epoch}:{ref[0]}:{ref[1]}")
-        indices = sample_frame_indices(len(pack), rng, cfg.keep_ratio, cfg.stride_jitter, cfg.max_frames, self.augment)
-        affine = None
-        if self.augment:
-            box, affine = train_crop(meta["width"], meta["height"], cfg.crop_fraction, rng, cfg.crop_scale_min, cfg.max_rotation)
-        else:
-            box = eval_crop(meta["width"], meta["height"], cfg.crop_fraction)
-        side = box[2] - box[0]
-        clip = np.empty((len(indices), side, side, 3), dtype=np.uint8)
-        for t, i in enumerate(indices):
-            with Image.open(io.BytesIO(pack.jpeg(i))) as im:
-                if im.mode != "RGB":
-                    im = im.convert("RGB")
-                clip[t] = np.asarray(im.crop(box))
+        rng = random.Random(f"fla_ds-sample:{self.cfg.seed}:{self.epoch}:{ref[0]}:{ref[1]}")
+        clip, affine = clip_from_pack(meta, pack, self.cfg, rng, self.augment)
         return {"video": clip, "affine": affine, "id": meta["id"], "text": meta["text"], "num_frames": len(pack), "key": raw["__key__"]}
 
     def _collate(self, step: int, items: list[tuple[dict, bool]]) -> dict:
@@ -241,6 +228,26 @@ class _EpochDataset(IterableDataset):
         video, mask = collate_clips([s["video"] for s, _ in items])
         affine = torch.tensor([s["affine"] for s, _ in items]) if self.augment else None
         return {"video": video, "video_mask": mask, "affine": affine, **common}
+
+
+def clip_from_pack(meta: dict, pack, cfg, rng: random.Random, augment: bool) -> tuple[np.ndarray, Optional[list]]:
+    """One clip as the model's loader sees it: T/4 frames sampled, decoded and cropped
+    (uint8 (T, S, S, 3)), and the training warp's matrix (None in evaluation). Also used by
+    ``fla-ds translate`` so that inference preprocesses exactly like evaluation."""
+    indices = sample_frame_indices(len(pack), rng, cfg.keep_ratio, cfg.stride_jitter, cfg.max_frames, augment)
+    affine = None
+    if augment:
+        box, affine = train_crop(meta["width"], meta["height"], cfg.crop_fraction, rng, cfg.crop_scale_min, cfg.max_rotation)
+    else:
+        box = eval_crop(meta["width"], meta["height"], cfg.crop_fraction)
+    side = box[2] - box[0]
+    clip = np.empty((len(indices), side, side, 3), dtype=np.uint8)
+    for t, i in enumerate(indices):
+        with Image.open(io.BytesIO(pack.jpeg(i))) as im:
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            clip[t] = np.asarray(im.crop(box))
+    return clip, affine
 
 
 def collate_features(arrays: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

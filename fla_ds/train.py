@@ -40,6 +40,9 @@ def make_stage(stage: int, cfg, rank: int):
 
 
 def setup_logging(rank: int) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars flood Slurm logs
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s", stream=sys.stderr)
 
 

@@ -1,0 +1,204 @@
+# shellcheck shell=bash
+# Helpers shared by slurm/stage1.sh, stage2.sh and shards.sh (sourced, not run).
+#
+# Environment they read (all optional):
+#   FLA_DS_PYTHON      the python that has fla_ds installed (default: the repository's .venv,
+#                      else python3 on PATH, e.g. an activated conda env)
+#   FLA_DS_CONFIG      the config: a YAML file, or the name of one in fla_ds/configs
+#   FLA_DS_OVERRIDES   key=value overrides, split on whitespace (values with spaces: pass them
+#                      as arguments of the script instead)
+#   FLA_DS_GPUS_PER_NODE  training processes per node (default: the GPUs Slurm gave the node, 1 without)
+#   FLA_DS_RESIGNAL_S  how often a stop request is repeated until training stops (default 30)
+
+fla_ds_setup() {
+    FLA_DS_ROOT=$(cd "$FLA_DS_ROOT" && pwd)  # set by the script that sourced us
+    if [ -z "${FLA_DS_PYTHON:-}" ]; then
+        if [ -x "$FLA_DS_ROOT/.venv/bin/python" ]; then FLA_DS_PYTHON=$FLA_DS_ROOT/.venv/bin/python; else FLA_DS_PYTHON=python3; fi
+    fi
+    export FLA_DS_PYTHON PYTHONUNBUFFERED=1  # log lines appear as they are printed
+}
+
+fla_ds_header() {
+    echo "fla_ds: job ${SLURM_JOB_ID:-none}${SLURM_ARRAY_TASK_ID:+ (array task $SLURM_ARRAY_TASK_ID)} on ${SLURM_JOB_NODELIST:-$(hostname)}," \
+         "restart ${SLURM_RESTART_COUNT:-0}, $(date '+%F %T'), python $FLA_DS_PYTHON"
+}
+
+fla_ds_gpus_per_node() {
+    # "a100:8" -> 8; 0 or unset (a CPU job) -> one process per node.
+    local gpus=${FLA_DS_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-}}}
+    gpus=${gpus##*:}
+    case $gpus in '' | *[!0-9]* | 0) gpus=1 ;; esac
+    echo "$gpus"
+}
+
+fla_ds_master_addr() {
+    scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1
+}
+
+fla_ds_master_port() {
+    # The same rule as fla_ds/distributed.py: two jobs sharing a node rarely pick the same port.
+    echo $((20000 + SLURM_JOB_ID % 20000))
+}
+
+fla_ds_overrides_last() {
+    # Fills the array FLA_DS_ARGS with "$@", every key=value moved after the flags: argparse
+    # (train.py, fla-ds) takes key=value in one run only, so "a=1 --config c b=2" would fail.
+    FLA_DS_ARGS=()
+    local arg overrides=() value_next=
+    for arg in "$@"; do
+        if [ -n "$value_next" ]; then
+            FLA_DS_ARGS+=("$arg")
+            value_next=
+        elif [[ $arg == -* ]]; then
+            FLA_DS_ARGS+=("$arg")
+            [[ $arg == *=* || $arg == --quiet || $arg == -h || $arg == --help ]] || value_next=1
+        elif [[ $arg == *=* ]]; then
+            overrides+=("$arg")
+        else
+            FLA_DS_ARGS+=("$arg")
+        fi
+    done
+    FLA_DS_ARGS+=("${overrides[@]}")
+}
+
+fla_ds_train_args() {
+    # Fills FLA_DS_ARGS: [--config FLA_DS_CONFIG], then the script's arguments, then
+    # FLA_DS_OVERRIDES and the script's key=value arguments (the later wins).
+    local extra=()
+    if [ -n "${FLA_DS_CONFIG:-}" ]; then extra+=(--config "$FLA_DS_CONFIG"); fi
+    # shellcheck disable=SC2206  # word splitting is the documented contract of FLA_DS_OVERRIDES
+    if [ -n "${FLA_DS_OVERRIDES:-}" ]; then extra+=($FLA_DS_OVERRIDES); fi
+    fla_ds_overrides_last "${extra[@]}" "$@"
+}
+
+fla_ds_check_config() {
+    # fla_ds_check_config RANKS [train.py arguments...]: prints the run folder (train.out)
+    # after checking the config and that the global batch splits over RANKS: a mistake fails
+    # here in a second (exit 2), not after every node loaded its model.
+    FLA_DS_WORLD=$1 "$FLA_DS_PYTHON" - "${@:2}" <<'EOF'
+import os
+import sys
+
+from fla_ds.config import ConfigError, load_config
+from fla_ds.train import parse_args
+
+args = parse_args(sys.argv[1:])
+try:
+    cfg = load_config(args.config, args.overrides)
+except ConfigError as exc:
+    sys.exit(f"fla_ds: error: {exc}")
+world, micro, total = int(os.environ["FLA_DS_WORLD"]), cfg.stream.batch_size, cfg.train.global_batch
+if total % (micro * world):
+    sys.exit(f"fla_ds: error: train.global_batch={total} is not a multiple of stream.batch_size x ranks = {micro} x {world}: "
+             f"e.g. train.global_batch={max(1, round(total / (micro * world))) * micro * world}, or a smaller stream.batch_size")
+print(cfg.train.out)
+EOF
+}
+
+fla_ds_was_preempted() {
+    # The run's last record says it stopped on a signal, after saving: there is more to do.
+    local log="$1/metrics.jsonl"
+    [ -f "$log" ] && tail -n 1 "$log" | grep -Eq '"event": *"preempted"'
+}
+
+# ---------------------------------------------------------------- signals
+#
+# A batch script receives signals (--signal=B:USR1@N, scancel --batch) only while it `wait`s,
+# so the training step runs in the background. SIGUSR1 means "save and come back": the job
+# requeues itself once the ranks saved. SIGTERM (scancel, preemption by the scheduler) means
+# "save and stop": the same request, no requeue.
+#
+# The request reaches every process of the step (`scancel --signal` signals them all). torchrun
+# must survive SIGUSR1 (its default action is to die, orphaning the ranks), so each node
+# launcher ignores it before exec'ing torchrun, and the ranks install their own handler
+# (fla_ds/trainer.py StopFlag). The request is always SIGUSR1, never SIGTERM: torchrun answers
+# SIGTERM by SIGKILLing its ranks 30 s later, which a large checkpoint may not survive.
+
+fla_ds_on_signal() {
+    # The batch script's trap: remember what was asked, and start asking the step.
+    echo "fla_ds: SIG$1 at $(date '+%F %T'): asking the training processes to save a checkpoint and stop"
+    if [ "$1" = USR1 ]; then FLA_DS_GOT_USR1=1; else FLA_DS_GOT_TERM=1; fi
+    fla_ds_start_asking
+}
+
+fla_ds_start_asking() {
+    # SIGUSR1 to every step of the job, repeated every FLA_DS_RESIGNAL_S seconds until the
+    # step is gone: a request that lands while the ranks are still starting (before they have a
+    # handler, SIGUSR1 is ignored) must not be lost.
+    if [ -n "${FLA_DS_ASKER:-}" ] || [ -z "${FLA_DS_STEP_PID:-}" ]; then return; fi
+    (
+        n=0
+        while kill -0 "$FLA_DS_STEP_PID" 2>/dev/null; do
+            if [ $((n % ${FLA_DS_RESIGNAL_S:-30})) -eq 0 ]; then scancel --signal=USR1 "$SLURM_JOB_ID"; fi
+            sleep 1
+            n=$((n + 1))
+        done
+    ) &
+    FLA_DS_ASKER=$!
+}
+
+fla_ds_run_step() {
+    # Runs "$@" (an srun) in the background and waits for it; returns its exit status. The
+    # traps are set by the caller, before anything that takes time.
+    "$@" &
+    FLA_DS_STEP_PID=$!
+    if [ -n "${FLA_DS_GOT_USR1:-}${FLA_DS_GOT_TERM:-}" ]; then fla_ds_start_asking; fi  # asked before the step existed
+    local rc
+    wait "$FLA_DS_STEP_PID"
+    rc=$?
+    while kill -0 "$FLA_DS_STEP_PID" 2>/dev/null; do  # woken by a trapped signal: keep waiting
+        wait "$FLA_DS_STEP_PID"
+        rc=$?
+    done
+    FLA_DS_STEP_PID=
+    if [ -n "${FLA_DS_ASKER:-}" ]; then wait "$FLA_DS_ASKER"; fi  # it ends within a second of the step
+    FLA_DS_ASKER=
+    return "$rc"
+}
+
+# ---------------------------------------------------------------- training
+
+fla_ds_train() {
+    # fla_ds_train STAGE [train.py arguments...]: one torchrun per node; requeue when SIGUSR1
+    # stopped training before its end.
+    local stage=$1 run_dir rc
+    shift
+    if [ -z "${SLURM_JOB_ID:-}" ]; then echo "fla_ds: not in a Slurm job: submit this script with sbatch" >&2; exit 2; fi
+    FLA_DS_GOT_USR1='' FLA_DS_GOT_TERM=''
+    trap 'fla_ds_on_signal USR1' USR1
+    trap 'fla_ds_on_signal TERM' TERM
+    fla_ds_train_args "$@"
+    FLA_DS_NPROC=$(fla_ds_gpus_per_node)
+    run_dir=$(fla_ds_check_config $((SLURM_NNODES * FLA_DS_NPROC)) --stage "$stage" "${FLA_DS_ARGS[@]}") || exit 2
+    FLA_DS_MASTER_ADDR=$(fla_ds_master_addr)
+    FLA_DS_MASTER_PORT=$(fla_ds_master_port)
+    export FLA_DS_NPROC FLA_DS_MASTER_ADDR FLA_DS_MASTER_PORT
+    echo "fla_ds: stage $stage, $SLURM_NNODES nodes x $FLA_DS_NPROC processes, master $FLA_DS_MASTER_ADDR:$FLA_DS_MASTER_PORT, run $run_dir"
+
+    # One task per node, each a torchrun that starts the node's ranks. srun needs
+    # --ntasks/--ntasks-per-node here (the batch's --ntasks-per-node is not enough when the job
+    # asked for more), and --cpus-per-task explicitly (Slurm 22.05 steps no longer inherit it);
+    # --kill-on-bad-exit: a node that fails stops the others instead of leaving them waiting in
+    # a collective. bash -c so that SLURM_NODEID is read on each node, not in this script.
+    # shellcheck disable=SC2016
+    fla_ds_run_step srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+        --kill-on-bad-exit=1 bash -c '
+            trap "" USR1
+            echo "fla_ds: node $SLURM_NODEID of $SLURM_NNODES: $SLURMD_NODENAME ($(hostname)), $FLA_DS_NPROC processes"
+            exec "$FLA_DS_PYTHON" -m torch.distributed.run --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" \
+                --nproc_per_node "$FLA_DS_NPROC" --master_addr "$FLA_DS_MASTER_ADDR" --master_port "$FLA_DS_MASTER_PORT" "$@"' \
+        fla-ds-node "$FLA_DS_ROOT/fla_ds/train.py" --stage "$stage" "${FLA_DS_ARGS[@]}"
+    rc=$?
+    echo "fla_ds: training step ended with exit code $rc at $(date '+%F %T')"
+    if [ "$rc" -ne 0 ] || [ -z "$FLA_DS_GOT_USR1" ] || [ -n "$FLA_DS_GOT_TERM" ]; then
+        return "$rc"
+    fi
+    if ! fla_ds_was_preempted "$run_dir"; then
+        echo "fla_ds: training had finished before the stop request: not requeued"
+        return 0
+    fi
+    echo "fla_ds: checkpoint saved; requeueing job $SLURM_JOB_ID (it resumes from $run_dir)"
+    trap - TERM  # the requeue SIGTERMs this script
+    scontrol requeue "$SLURM_JOB_ID" || { echo "fla_ds: requeue refused: submit the same command again to resume"; return 1; }
+    return 0
+}
