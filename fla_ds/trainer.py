@@ -282,7 +282,7 @@ class Trainer:
             p.step += 1
             if p.step % cfg.log_every == 0 or p.step == 1:
                 seconds = time.perf_counter() - started
-                self.log.step(p.step, epoch=p.epoch, loss=float(np.mean(losses)), lr=self.engine.get_lr()[0],
+                self.log.step(p.step, epoch=p.epoch, loss=float(np.mean(losses)), lr=self.engine.get_lr()[-1],
                               samples_per_s=samples / seconds, tokens_per_s=tokens / seconds)
                 started, samples, tokens, losses = time.perf_counter(), 0, 0, []
             if self.stop.agreed():

@@ -67,7 +67,8 @@ print(json.dumps(out))
 
 def test_qlora_zero3_two_ranks_trains_generates_saves_and_resumes(assets, tmp_path):
     out = tmp_path / "run"
-    common = [f"stage2.model={assets['llama']}", f"stage2.features={assets['features']}", "train.ds_config=ds_configs/zero3.json", "train.epochs=3"]
+    common = [f"stage2.model={assets['llama']}", f"stage2.features={assets['features']}", "train.ds_config=ds_configs/zero3.json", "train.epochs=3",
+              "train.lr=1e-2", "stage2.projector_lr=1e-2"]
     run(stage2_cmd(assets, out, 2, *common, "train.max_steps=12"))
     assert falls(losses(out)), losses(out)
     final = out / "step-12"
@@ -100,9 +101,9 @@ def test_export_and_translate_a_video(assets, tmp_path):
 def test_mbart_backend_trains(assets, tmp_path):
     out = tmp_path / "run"
     run(stage2_cmd(assets, out, 1, "stage2.backend=mbart", f"stage2.model={assets['mbart']}", f"stage2.features={assets['features']}",
-                   "train.epochs=4", "train.max_steps=14", "train.lr=3e-3"))
+                   "train.epochs=5", "train.max_steps=20", "train.lr=1e-2", "stage2.projector_lr=1e-2"))
     assert falls(losses(out)), losses(out)
-    assert (out / "step-14" / "mbart" / "model.safetensors").is_file()
+    assert (out / "step-20" / "mbart" / "model.safetensors").is_file()
 
 
 def test_training_from_video_without_a_cache(assets, tmp_path):
