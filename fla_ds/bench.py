@@ -214,7 +214,70 @@ def run_data(cfg) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def stage2_step_times(cfg, step_dir: Path, shards: Path, features: Path, steps: int) -> tuple[float, float]:
+    """Seconds per stage-2 training step (forward, backward, optimizer) on the same model,
+    reading the feature cache vs running the frozen encoder on video, in one process."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from fla_ds.stage2 import build_backend, language_model_path, load_frozen_encoder
+    from fla_ds.stream import ShardStream
+
+    encoder, enc_cfg = load_frozen_encoder(step_dir, torch.float32)
+    model = build_backend(cfg, language_model_path(cfg), enc_cfg.visual.out_dim, torch.float32).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    base = {"split": "train", "train": True, "num_workers": 1}
+
+    def timed_steps(source: Path, from_video: bool) -> float:
+        stream = ShardStream(OmegaConf.merge(cfg.stream, base, {"shards": str(source)}), 0, 1)
+        batches = iter(stream)
+        next_batch = lambda: next(batches)
+        run_step(model, optimizer, encoder, enc_cfg, next_batch(), from_video)  # warm-up
+        start = time.perf_counter()
+        for _ in range(steps):
+            run_step(model, optimizer, encoder, enc_cfg, next_batch(), from_video)
+        return (time.perf_counter() - start) / steps
+
+    return timed_steps(features, False), timed_steps(shards, True)
+
+
+def run_step(model, optimizer, encoder, enc_cfg, batch: dict, from_video: bool) -> None:
+    import torch
+
+    if from_video:
+        with torch.no_grad():
+            video = to_model_input(batch["video"], enc_cfg.stream.crop_size, batch["affine"])
+            feats, mask = encoder(video, batch["video_mask"])
+    else:
+        feats, mask = batch["features"].float(), batch["features_mask"]
+    loss_sum, n_tokens = model(feats, mask, batch["text"])
+    (loss_sum / n_tokens).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_stage2(cfg) -> int:
+    from fla_ds.checkpoint import resolve_step_dir
+
+    out = Path(cfg.demo.out)
+    needed = [out / "stage1", out / "shards" / "index.json", out / "features" / "index.json"]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        print(f"bench stage2: run the demo first (make demo); missing: {', '.join(missing)}")
+        return 2
+    step_dir = resolve_step_dir(out / "stage1")
+    steps = cfg.bench.clips // cfg.stream.batch_size or 3
+    print(f"bench stage2: demo configuration (batch {cfg.stream.batch_size}, SmolLM2-135M QLoRA={cfg.stage2.qlora}), {steps} steps each, one process")
+    cached, live = stage2_step_times(cfg, step_dir, out / "shards", out / "features", steps)
+    print(f"  step from the feature cache:        {cached:7.2f} s")
+    print(f"  step with the frozen encoder live:  {live:7.2f} s")
+    print(f"  ratio on-the-fly / cache: {live / cached:.2f}   (goal >= 2)")
+    return 0
+
+
 def run(what: str, cfg) -> int:
     if what == "data":
         return run_data(cfg)
+    if what == "stage2":
+        return run_stage2(cfg)
     raise ValueError(f"unknown benchmark '{what}'")

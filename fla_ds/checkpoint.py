@@ -156,7 +156,8 @@ def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict, expor
     if rank() == 0 and step_dir.exists():  # a half-written folder of an earlier attempt
         shutil.rmtree(step_dir)
     barrier()
-    engine.save_checkpoint(str(step_dir / "engine"), tag=ENGINE_TAG, save_latest=False)
+    # Frozen weights (a 4-bit base model) come from their own files, not from every checkpoint.
+    engine.save_checkpoint(str(step_dir / "engine"), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
     atomic_write_json(step_dir / f"rng-{rank():05d}.json", rng_state())
     export(step_dir)
     barrier()  # every rank's files are on disk

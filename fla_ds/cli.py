@@ -66,7 +66,7 @@ def cmd_shards_verify(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from fla_ds import bench
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config or ("demo" if args.what == "stage2" else None), args.overrides)
     return bench.run(args.what, cfg)
 
 
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_translate)
 
     p = sub.add_parser("bench", help="benchmarks that print figures and ratios against a baseline")
-    p.add_argument("what", choices=["data"])
+    p.add_argument("what", choices=["data", "stage2"])
     _common(p)
     p.set_defaults(func=cmd_bench)
 

@@ -264,7 +264,11 @@ class DemoConfig:
     epochs: int = 1
     """Epochs of batches streamed to show the loader's throughput."""
     final_beam: int = 5
-    """Beam size of the final dev evaluation (training evaluations use train.beam_size)."""
+    """Beam size of the final dev evaluations (training evaluations use train.beam_size)."""
+    stage2_epochs: int = 4
+    """Stage-2 epochs (SmolLM2 in QLoRA from the feature cache)."""
+    stage2_lr: float = 2.0e-4
+    """Stage-2 LoRA learning rate (the projector's is stage2.projector_lr)."""
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """The main job on the embedded default: ``fla-ds demo`` (the README's first command).
 
-Synthetic corpus -> shards (train, dev) -> the loader's throughput -> stage 1 trained under
-DeepSpeed (one process here; the same code as ``deepspeed fla_ds/train.py --stage 1``) ->
-dev scores of the best checkpoint beside those of the same model untrained, with example
-translations. Each step is the code a user runs by hand, so the demo doubles as a smoke test
+Synthetic corpus -> shards (train, dev) -> the loader's throughput -> stage 1 under DeepSpeed
+(``fla_ds/train.py --stage 1``, one process) -> its dev scores beside the untrained model's ->
+the feature cache -> stage 2 (the embedded SmolLM2-135M in 4-bit QLoRA, ``--stage 2``) -> dev
+scores of both stages and example translations. Each step is the code a user runs by hand, so the demo doubles as a smoke test
 of the pipeline. Rerunning resumes: finished shards and checkpoints are kept.
 """
 from __future__ import annotations
@@ -39,11 +39,16 @@ def build_demo_shards(cfg) -> None:
         print(f"      {split}: " + "; ".join(summary.lines()))
 
 
-def train_stage1(cfg, config_file: Path) -> float:
-    from fla_ds.train import main as train_main
+def train_stage(stage: int, config_file: Path, *overrides: str) -> float:
+    """Run fla_ds/train.py as a user would (its own process: one process group each)."""
+    import os
+    import subprocess
+    import sys
 
     started = time.perf_counter()
-    code = train_main(["--stage", "1", "--config", str(config_file)])
+    script = Path(__file__).with_name("train.py")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
+    code = subprocess.run([sys.executable, str(script), "--stage", str(stage), "--config", str(config_file), *overrides], env=env).returncode
     if code != 0:
         raise SystemExit(code)
     return time.perf_counter() - started
@@ -70,38 +75,63 @@ def untrained_scores(cfg) -> dict:
     return evaluate_split(translate, cfg, 0, 1, Path(cfg.train.out) / "eval" / "untrained")
 
 
-def report(cfg, seconds: float) -> None:
+def final_scores(run_dir: str, beam: int, shards: str) -> tuple[dict, Path]:
+    """Dev scores of a run's best checkpoint, decoded with ``beam``."""
+    from omegaconf import OmegaConf
+
     from fla_ds.cli import resolve_checkpoint
     from fla_ds.evaluate.run import evaluate_split
-    from fla_ds.stage1 import Translator
+    from fla_ds.inference import load_translator
 
-    best = resolve_checkpoint(cfg.train.out)
-    final_beam = cfg.demo.final_beam
-    translator = Translator(best, beam_size=final_beam)
-    trained = evaluate_split(translator, translator.cfg, 0, 1, best / "eval-dev")
-    floor = untrained_scores(cfg)
-    print(f"      stage 1 trained in {seconds / 60:.1f} min; best checkpoint {best}")
-    print(f"      dev BLEU-4 {trained['bleu4']:.2f}, ROUGE-L {trained['rouge_l']:.2f} (beam {final_beam})  |  untrained model: BLEU-4 {floor['bleu4']:.2f}, ROUGE-L {floor['rouge_l']:.2f}")
-    print(f"      scored as: {trained['convention']}")
-    rows = (best / "eval-dev" / "hypotheses.tsv").read_text("utf-8").splitlines()[1:6]
-    for row in rows:
+    best = resolve_checkpoint(run_dir)
+    translator = load_translator(best, beam_size=beam)
+    cfg = OmegaConf.merge(translator.cfg, {"stream": {"shards": shards}, "train": {"eval_limit": 0}})
+    return evaluate_split(translator, cfg, 0, 1, best / "eval-dev"), best
+
+
+def show_examples(best: Path, count: int = 4) -> None:
+    for row in (best / "eval-dev" / "hypotheses.tsv").read_text("utf-8").splitlines()[1 : count + 1]:
         sample_id, hyp, ref = row.split("\t")
         print(f"      {sample_id}\n        reference:  {ref}\n        hypothesis: {hyp}")
 
 
 def run_demo(cfg) -> int:
+    from fla_ds.features import extract_features
+
     out = Path(cfg.demo.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.synth.out = str(out / "synth")
     cfg.shards.out = cfg.stream.shards = str(out / "shards")
     cfg.train.out = str(out / "stage1")
     config_file = save_resolved(cfg, out)
-    print(f"[1/4] synthetic corpus -> {generate(cfg.synth)}")
-    print(f"[2/4] shards -> {cfg.shards.out}")
+    beam = cfg.demo.final_beam
+    print(f"[1/7] synthetic corpus -> {generate(cfg.synth)}")
+    print(f"[2/7] shards -> {cfg.shards.out}")
     build_demo_shards(cfg)
-    print(f"[3/4] streaming {cfg.demo.epochs} epoch(s) of train")
+    print(f"[3/7] streaming {cfg.demo.epochs} epoch(s) of train")
     stream_epochs(OmegaConf.merge(cfg.stream, {"split": "train", "train": True}), cfg.demo.epochs)
-    print(f"[4/4] stage 1 -> {cfg.train.out}")
-    seconds = train_stage1(cfg, config_file)
-    report(cfg, seconds)
+    print(f"[4/7] stage 1 -> {cfg.train.out}")
+    seconds1 = train_stage(1, config_file)
+    scores1, best1 = final_scores(cfg.train.out, beam, cfg.shards.out)
+    floor = untrained_scores(cfg)
+    print(f"      stage 1: {seconds1 / 60:.1f} min; best {best1}: dev BLEU-4 {scores1['bleu4']:.2f}, ROUGE-L {scores1['rouge_l']:.2f} (beam {beam}); "
+          f"untrained: BLEU-4 {floor['bleu4']:.2f}, ROUGE-L {floor['rouge_l']:.2f}")
+    features = out / "features"
+    print(f"[5/7] feature cache -> {features}")
+    started = time.perf_counter()
+    for split in ("train", "dev"):
+        entry = extract_features(best1, cfg.shards.out, features, split=split, rank=0, world=1, num_workers=1)
+        print(f"      {split}: {entry['clips']} clips, dim {entry['dim']}")
+    print(f"      {time.perf_counter() - started:.0f} s")
+    stage2_out = out / "stage2"
+    print(f"[6/7] stage 2 (SmolLM2-135M, 4-bit QLoRA, from the cache) -> {stage2_out}")
+    seconds2 = train_stage(2, config_file, f"train.out={stage2_out}", f"stage2.encoder={best1}", f"stage2.features={features}",
+                           f"train.epochs={cfg.demo.stage2_epochs}", f"train.lr={cfg.demo.stage2_lr}", "train.warmup_steps=10")
+    scores2, best2 = final_scores(str(stage2_out), beam, str(features))
+    print(f"[7/7] dev scores (beam {beam}); {scores2['convention']}")
+    print(f"      stage 1 ({seconds1 / 60:.1f} min): BLEU-4 {scores1['bleu4']:.2f}  ROUGE-L {scores1['rouge_l']:.2f}   [{best1}]")
+    print(f"      stage 2 ({seconds2 / 60:.1f} min): BLEU-4 {scores2['bleu4']:.2f}  ROUGE-L {scores2['rouge_l']:.2f}   [{best2}]")
+    print(f"      untrained:        BLEU-4 {floor['bleu4']:.2f}  ROUGE-L {floor['rouge_l']:.2f}")
+    print("      stage 2 examples:")
+    show_examples(best2)
     return 0
