@@ -78,6 +78,23 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trim_mbart(args: argparse.Namespace) -> int:
+    """mBART with its vocabulary cut to the training texts (the paper's approach), saved once
+    as a folder that stage 2 trains from (stage2.backend=mbart stage2.model=OUT)."""
+    from fla_ds.model.mbart import load_encoder_decoder, trim_mbart_vocab
+    from fla_ds.vocab import shard_texts
+
+    model, tokenizer = load_encoder_decoder(args.model)
+    texts, _ = shard_texts(args.shards, args.split)
+    keep = [args.lang] if args.lang else []
+    model, id_map = trim_mbart_vocab(model, tokenizer, texts, keep_tokens=keep)
+    model.save_pretrained(args.out, safe_serialization=True)
+    tokenizer.save_pretrained(args.out)
+    id_map.save(args.out)
+    print(f"mBART trimmed to {id_map.size} tokens ({len(texts)} training texts) -> {args.out}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Decode a split with a saved checkpoint; spread over ranks when launched by torchrun."""
     from omegaconf import OmegaConf
@@ -193,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="train")
     p.set_defaults(func=cmd_vocab)
+
+    p = sub.add_parser("trim-mbart", help="cut mBART's vocabulary to a corpus's training texts")
+    p.add_argument("--model", required=True, help="mBART folder or hub id, e.g. facebook/mbart-large-cc25")
+    p.add_argument("--shards", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--lang", default="", help="language code token to keep, e.g. de_DE")
+    p.set_defaults(func=cmd_trim_mbart)
 
     p = sub.add_parser("evaluate", help="translate a split with a checkpoint and score it")
     p.add_argument("--checkpoint", required=True, help="a step-N folder, or a run folder (its best checkpoint)")

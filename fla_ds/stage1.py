@@ -40,6 +40,8 @@ def prepare_vocab(cfg, rank: int) -> Path:
     out = Path(cfg.train.out) / "vocab"
     if rank == 0 and not (out / "vocab.json").is_file():
         build_vocab_files(default_tokenizer(cfg), cfg.stream.shards, out, split="train")
+        # A copy of the tokenizer beside it, so a moved run folder still resumes.
+        TrimmedVocab.load(out / "vocab.json").tokenizer.save_pretrained(str(out / "tokenizer"))
     if dist.is_initialized():
         dist.barrier()
     return out / "vocab.json"
@@ -86,7 +88,8 @@ class Stage1:
         self.cfg = cfg
         self.rank = rank
         self.vocab_path = prepare_vocab(cfg, rank)
-        self.vocab = TrimmedVocab.load(self.vocab_path)
+        local_tokenizer = self.vocab_path.parent / "tokenizer"
+        self.vocab = TrimmedVocab.load(self.vocab_path, tokenizer_path=local_tokenizer if local_tokenizer.is_dir() else None)
         self.hidden_size = cfg.light_t.d_model
         self.max_decode = cfg.train.max_decode_len or cfg.light_t.max_target_len
 

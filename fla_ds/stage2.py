@@ -13,7 +13,6 @@ Face format (``PeftModel.from_pretrained`` loads it without DeepSpeed) or the fi
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from contextlib import contextmanager
@@ -52,8 +51,11 @@ def load_frozen_encoder(step_dir: Path, dtype: torch.dtype) -> tuple[VisualEncod
 
 
 def lm_hidden_size(path: str) -> int:
-    config = json.loads((Path(path) / "config.json").read_text("utf-8"))
-    return int(config.get("hidden_size") or config["d_model"])
+    """From the model's config alone (a local folder or a hub id), before any weight loads."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    return int(getattr(config, "hidden_size", None) or config.d_model)
 
 
 @contextmanager

@@ -26,7 +26,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--config", help="a YAML file, or the name of a config shipped in fla_ds/configs")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # key=value before and after flags
 
 
 def make_stage(stage: int, cfg, rank: int):
