@@ -111,3 +111,10 @@ def test_training_from_video_without_a_cache(assets, tmp_path):
     run(stage2_cmd(assets, out, 1, f"stage2.model={assets['llama']}", f"stream.shards={assets['shards']}", "stream.crop_size=28",
                    "stream.keep_ratio=0.1", "stream.max_frames=6", "train.epochs=1", "train.max_steps=3"))
     assert sorted(losses(out)) == [1, 2, 3]
+
+
+def test_a_feature_cache_verifies_like_video_shards(assets):
+    from fla_ds.shards.verify import verify_folder
+
+    checked, problems = verify_folder(str(assets["features"]))
+    assert checked >= 2 and problems == []

@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 
 from fla_ds.corpus.base import sha256_file
-from fla_ds.shards.format import ShardFormatError, iter_raw_samples, parse_sample
+from fla_ds.shards.format import ShardFormatError, iter_raw_samples, parse_feature_sample, parse_sample
 
 
-def verify_shard(folder: Path, entry: dict, decode: bool) -> list[str]:
+def verify_shard(folder: Path, entry: dict, decode: bool, kind: str = "video") -> list[str]:
     path = folder / entry["name"]
     if not path.is_file():
         return [f"{entry['name']}: missing"]
@@ -25,10 +25,14 @@ def verify_shard(folder: Path, entry: dict, decode: bool) -> list[str]:
         problems.append(f"{entry['name']}: sha256 differs from the index")
     samples = frames = 0
     try:
-        for raw in iter_raw_samples(str(path)):
-            meta, pack = parse_sample(str(path), raw)
-            if decode:
-                pack.decode(range(len(pack)))
+        payload = "features" if kind == "features" else "frames"
+        for raw in iter_raw_samples(str(path), payload=payload):
+            if kind == "features":  # parsing checks the payload's size against its shape
+                meta, _ = parse_feature_sample(str(path), raw)
+            else:
+                meta, pack = parse_sample(str(path), raw)
+                if decode:
+                    pack.decode(range(len(pack)))
             samples += 1
             frames += meta["num_frames"]
     except (ShardFormatError, OSError, ValueError) as exc:
@@ -47,7 +51,8 @@ def verify_folder(folder: str, decode: bool = False) -> tuple[int, list[str]]:
     index = json.loads(index_path.read_text("utf-8"))
     checked, problems = 0, []
     for split in sorted(index.get("splits", {})):
+        kind = index["splits"][split].get("kind", index.get("kind", "video"))
         for entry in index["splits"][split]["shards"]:
-            problems.extend(verify_shard(folder_path, entry, decode))
+            problems.extend(verify_shard(folder_path, entry, decode, kind))
             checked += 1
     return checked, problems
