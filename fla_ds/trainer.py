@@ -254,7 +254,7 @@ class Trainer:
     def after_epoch(self) -> None:
         """Evaluate on dev, save, keep the best by dev BLEU-4, prune old checkpoints."""
         metrics = self.evaluate()
-        self.log.event("eval", step=self.progress.step, epoch=self.progress.epoch, **{k: v for k, v in metrics.items() if k != "convention"})
+        self.log.event("eval", step=self.progress.step, epoch=self.progress.epoch, **{k: v for k, v in metrics.items() if not isinstance(v, str)})
         bleu4 = metrics.get("bleu4")
         step_dir = self.save(metrics)
         if bleu4 is not None and (self.progress.best is None or bleu4 > self.progress.best):
