@@ -96,7 +96,11 @@ def show_examples(best: Path, count: int = 4) -> None:
 
 
 def run_demo(cfg) -> int:
+    from transformers.utils import logging as hf_logging
+
     from fla_ds.features import extract_features
+
+    hf_logging.disable_progress_bar()
 
     out = Path(cfg.demo.out)
     out.mkdir(parents=True, exist_ok=True)
