@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -85,6 +86,20 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+@contextmanager
+def gathered(params):
+    """These parameters whole on every rank for the duration: one collective under ZeRO-3
+    (every rank must enter), a no-op for parameters ZeRO-3 does not partition."""
+    import deepspeed
+
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
 
 
 def shutdown() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from fla_ds.augment import to_model_input
 from fla_ds.config import load_config, save_resolved
-from fla_ds.distributed import device
+from fla_ds.distributed import device, gathered
 from fla_ds.model import LightT, SignTranslator, VisualEncoder
 from fla_ds.vocab import TrimmedVocab, build_vocab_files
 
@@ -56,20 +55,6 @@ def build_translator(cfg, vocab: TrimmedVocab) -> SignTranslator:
         ffn=t.ffn, dropout=t.dropout, adapter_hidden=t.adapter_hidden, max_len=t.max_target_len, label_smoothing=t.label_smoothing,
     )
     return SignTranslator(encoder, light_t)
-
-
-@contextmanager
-def full_parameters(module: torch.nn.Module):
-    """All parameters whole on every rank for the duration (a collective under ZeRO-3; a
-    no-op otherwise)."""
-    import deepspeed
-
-    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        yield
-        return
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
 
 
 def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -115,12 +100,12 @@ class Stage1:
 
     def translate(self, engine, batch: dict) -> list[str]:
         video, mask = self.model_input(engine, batch)
-        with torch.no_grad(), full_parameters(engine.module):
+        with torch.no_grad(), gathered(engine.module.parameters()):
             ids = engine.module.generate(video, mask, beam_size=self.cfg.train.beam_size, max_len=self.max_decode)
         return [self.vocab.decode(row) for row in ids]
 
     def export(self, engine, step_dir: Path) -> None:
-        with full_parameters(engine.module):
+        with gathered(engine.module.parameters()):
             if self.rank == 0:
                 module = engine.module
                 save_file(cpu_state_dict(module.encoder), str(step_dir / "encoder.safetensors"), metadata={"format": "pt", "what": "fla_ds VisualEncoder"})

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +25,7 @@ from safetensors.torch import load_file
 from fla_ds.augment import to_model_input
 from fla_ds.checkpoint import resolve_step_dir
 from fla_ds.config import load_config, save_resolved
-from fla_ds.distributed import device
+from fla_ds.distributed import device, gathered
 from fla_ds.model import VisualEncoder
 from fla_ds.model.projector import Projector
 
@@ -56,19 +55,6 @@ def lm_hidden_size(path: str) -> int:
 
     config = AutoConfig.from_pretrained(path)
     return int(getattr(config, "hidden_size", None) or config.d_model)
-
-
-@contextmanager
-def gathered(params: list):
-    """The given parameters whole on every rank (a collective under ZeRO-3, else a no-op)."""
-    import deepspeed
-
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if not partitioned:
-        yield
-        return
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        yield
 
 
 def build_backend(cfg, lm_path: str, feature_dim: int, dtype: torch.dtype) -> torch.nn.Module:
