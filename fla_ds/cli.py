@@ -272,8 +272,22 @@ def _known_errors() -> tuple[type, ...]:
     return (ConfigError, UsageError, CorpusError, BuildError, ShardFormatError)
 
 
+def parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    """key=value overrides may stand before, between or after the flags."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [t for t in extra if t.startswith("-") or "=" not in t]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"this command takes no key=value overrides: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

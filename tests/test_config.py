@@ -72,3 +72,12 @@ def test_the_resolved_config_is_a_yaml_that_loads_back(tmp_path):
     path = save_resolved(cfg, tmp_path)
     again = load_config(str(path))
     assert yaml.safe_load(path.read_text()) == yaml.safe_load(Path(save_resolved(again, tmp_path / "b")).read_text())
+
+
+def test_overrides_may_stand_between_flags(tmp_path):
+    from fla_ds.cli import parse
+
+    args = parse(["shards", "build", "shards.short_side=32", "--corpus", "manifest", "shards.order_seed=1", "--root", "r", "--out", "o"])
+    assert args.overrides == ["shards.short_side=32", "shards.order_seed=1"] and args.corpus == "manifest"
+    with pytest.raises(SystemExit):
+        parse(["shards", "build", "--bogus-flag"])
