@@ -228,28 +228,26 @@ def stage2_step_times(cfg, step_dir: Path, shards: Path, features: Path, steps: 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     base = {"split": "train", "train": True, "num_workers": 1}
 
-    def timed_steps(source: Path, from_video: bool) -> float:
+    def timed_steps(source: Path) -> float:
         stream = ShardStream(OmegaConf.merge(cfg.stream, base, {"shards": str(source)}), 0, 1)
         batches = iter(stream)
         next_batch = lambda: next(batches)
-        run_step(model, optimizer, encoder, enc_cfg, next_batch(), from_video)  # warm-up
+        run_step(model, optimizer, encoder, enc_cfg, next_batch())  # warm-up
         start = time.perf_counter()
         for _ in range(steps):
-            run_step(model, optimizer, encoder, enc_cfg, next_batch(), from_video)
+            run_step(model, optimizer, encoder, enc_cfg, next_batch())
         return (time.perf_counter() - start) / steps
 
-    return timed_steps(features, False), timed_steps(shards, True)
+    return timed_steps(features), timed_steps(shards)
 
 
-def run_step(model, optimizer, encoder, enc_cfg, batch: dict, from_video: bool) -> None:
+def run_step(model, optimizer, encoder, enc_cfg, batch: dict) -> None:
+    """One training step; the batch's kind (features or video) decides whether the encoder runs."""
     import torch
 
-    if from_video:
-        with torch.no_grad():
-            video = to_model_input(batch["video"], enc_cfg.stream.crop_size, batch["affine"])
-            feats, mask = encoder(video, batch["video_mask"])
-    else:
-        feats, mask = batch["features"].float(), batch["features_mask"]
+    from fla_ds.stage2 import batch_features
+
+    feats, mask = batch_features(batch, encoder, enc_cfg.stream.crop_size, torch.float32)
     loss_sum, n_tokens = model(feats, mask, batch["text"])
     (loss_sum / n_tokens).backward()
     optimizer.step()

@@ -58,21 +58,14 @@ def untrained_scores(cfg) -> dict:
     """The same model before any training: the floor the trained scores are read against."""
     import torch
 
-    from fla_ds.augment import to_model_input
     from fla_ds.evaluate.run import evaluate_split
-    from fla_ds.stage1 import build_translator
+    from fla_ds.stage1 import Translator, build_translator
     from fla_ds.vocab import TrimmedVocab
 
     vocab = TrimmedVocab.load(Path(cfg.train.out) / "vocab" / "vocab.json")
     torch.manual_seed(cfg.train.seed)
-    model = build_translator(cfg, vocab).eval()
-
-    @torch.no_grad()
-    def translate(batch):
-        video = to_model_input(batch["video"], cfg.stream.crop_size, batch["affine"])
-        return [vocab.decode(r) for r in model.generate(video, batch["video_mask"], beam_size=cfg.train.beam_size, max_len=cfg.light_t.max_target_len)]
-
-    return evaluate_split(translate, cfg, 0, 1, Path(cfg.train.out) / "eval" / "untrained")
+    translator = Translator(build_translator(cfg, vocab), vocab, cfg)
+    return evaluate_split(translator, cfg, 0, 1, Path(cfg.train.out) / "eval" / "untrained")
 
 
 def final_scores(run_dir: str, beam: int, shards: str) -> tuple[dict, Path]:

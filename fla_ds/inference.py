@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from fla_ds.atomic import atomic_write_json
-from fla_ds.augment import collate_clips, to_model_input
+from fla_ds.augment import collate_clips
 from fla_ds.config import load_config
 from fla_ds.distributed import device
 
@@ -69,15 +69,10 @@ class Stage2Translator:
         return json.loads(path.read_text("utf-8")) if path.is_file() else {}
 
     @torch.no_grad()
-    def features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if "features" in batch:
-            return batch["features"].to(device(), self.dtype), batch["features_mask"].to(device())
-        video = to_model_input(batch["video"].to(device()), self.encoder_cfg.stream.crop_size, batch.get("affine"), dtype=self.dtype)
-        return self.encoder(video, batch["video_mask"].to(device()))
-
-    @torch.no_grad()
     def __call__(self, batch: dict) -> list[str]:
-        feats, mask = self.features(batch)
+        from fla_ds.stage2 import batch_features
+
+        feats, mask = batch_features(batch, self.encoder, self.encoder_cfg.stream.crop_size, self.dtype)
         return self.model.generate(feats, mask, max_new_tokens=self.cfg.stage2.max_new_tokens, num_beams=self.beam)
 
 
@@ -94,7 +89,7 @@ def load_translator(folder: str | Path, beam_size: int = 0):
         return Stage2Translator(folder, beam_size)
     from fla_ds.stage1 import Translator
 
-    return Translator(folder, beam_size)
+    return Translator.from_checkpoint(folder, beam_size)
 
 
 # ------------------------------------------------------------------ export

@@ -126,15 +126,20 @@ def copy_vocab(vocab_path: Path, vocab: TrimmedVocab, step_dir: Path) -> None:
 class Translator:
     """A stage-1 checkpoint for inference, without DeepSpeed: ``fla-ds evaluate``."""
 
-    def __init__(self, step_dir: Path, beam_size: int = 0):
-        step_dir = Path(step_dir)
-        self.cfg = load_config(str(step_dir / "config.yaml"))
-        self.vocab = TrimmedVocab.load(step_dir / "vocab.json", tokenizer_path=step_dir / "tokenizer")
-        self.model = build_translator(self.cfg, self.vocab)
-        self.model.load_state_dict(load_file(str(step_dir / "model.safetensors")))
-        self.model.eval().to(device())
+    def __init__(self, model: SignTranslator, vocab: TrimmedVocab, cfg, beam_size: int = 0):
+        self.cfg, self.vocab = cfg, vocab
+        self.model = model.eval().to(device())
         self.beam = beam_size or self.cfg.train.beam_size
         self.max_decode = self.cfg.train.max_decode_len or self.cfg.light_t.max_target_len
+
+    @classmethod
+    def from_checkpoint(cls, step_dir: Path, beam_size: int = 0) -> "Translator":
+        step_dir = Path(step_dir)
+        cfg = load_config(str(step_dir / "config.yaml"))
+        vocab = TrimmedVocab.load(step_dir / "vocab.json", tokenizer_path=step_dir / "tokenizer")
+        model = build_translator(cfg, vocab)
+        model.load_state_dict(load_file(str(step_dir / "model.safetensors")))
+        return cls(model, vocab, cfg, beam_size)
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> list[str]:

@@ -40,6 +40,17 @@ def language_model_path(cfg) -> str:
     return str(smollm2_path())
 
 
+def batch_features(batch: dict, encoder: Optional[VisualEncoder], crop_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The visual features of a batch: read from a feature-cache batch, or computed by the
+    frozen encoder (no gradients) from a video batch."""
+    dev = device()
+    if "features" in batch:
+        return batch["features"].to(dev, dtype), batch["features_mask"].to(dev)
+    video = to_model_input(batch["video"].to(dev), crop_size, batch.get("affine"), dtype=dtype)
+    with torch.no_grad():
+        return encoder(video, batch["video_mask"].to(dev))
+
+
 def load_frozen_encoder(step_dir: Path, dtype: torch.dtype) -> tuple[VisualEncoder, object]:
     """The stage-1 encoder in eval mode (BatchNorm running statistics), without gradients."""
     enc_cfg = load_config(str(step_dir / "config.yaml"))
@@ -113,12 +124,7 @@ class Stage2:
         return [{"params": projector, "lr": self.cfg.stage2.projector_lr}, {"params": rest, "lr": self.cfg.train.lr}]
 
     def features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        dev = device()
-        if "features" in batch:
-            return batch["features"].to(dev, self.dtype), batch["features_mask"].to(dev)
-        video = to_model_input(batch["video"].to(dev), self.encoder_cfg.stream.crop_size, batch["affine"], dtype=self.dtype)
-        with torch.no_grad():
-            return self.encoder(video, batch["video_mask"].to(dev))
+        return batch_features(batch, self.encoder, self.encoder_cfg.stream.crop_size, self.dtype)
 
     def loss(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         feats, mask = self.features(batch)
