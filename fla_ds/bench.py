@@ -25,7 +25,8 @@ from PIL import Image
 
 from fla_ds.augment import sample_frame_indices, to_model_input, train_crop
 from fla_ds.config import load_config
-from fla_ds.frames import FramePack, decode_jpeg, list_frame_files
+from fla_ds.frame_folder import list_frame_files
+from fla_ds.frames import FramePack, decode_jpeg
 from fla_ds.corpus.base import FrameFolder
 
 REAL_VIDEO_GLOBS = ("clips/*.mp4", "how2sign/clips/*.mp4")

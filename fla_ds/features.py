@@ -44,7 +44,8 @@ from fla_ds.config import load_config
 from fla_ds.corpus.base import canonical_split, sha256_file
 from fla_ds.distributed import device
 from fla_ds.model import VisualEncoder
-from fla_ds.shards.build import folder_lock, load_index
+from fla_ds.shards.build import folder_lock
+from fla_ds.shards.index import load_index
 from fla_ds.shards.format import FEATURE_DTYPE, ShardWriter
 from fla_ds.stream import ShardStream
 

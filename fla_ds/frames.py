@@ -1,4 +1,9 @@
-"""Frames in and out: decoding a corpus's frame source, resizing, and the in-shard encoding.
+"""Frames in and out: a clip's frames -> the in-shard encoding, and back.
+
+Every frame source (a folder of images: fla_ds.frame_folder; a video file or a time cut of
+one: fla_ds.video) is read as a stream of RGB arrays already resized to the stored size, so
+that a worker never holds more than a few decoded frames: memory is bounded by the stored
+(JPEG) size of the clip, not by its source resolution times its length.
 
 In a shard, a clip is one member holding every frame as its own JPEG (the "frame pack"), so
 the loader decodes only the quarter of the frames it samples; docs/benchmarks.md has the
@@ -11,134 +16,55 @@ Decoding failures raise ``SampleError`` with a short reason that ends up in reje
 from __future__ import annotations
 
 import io
-import re
 import struct
-from pathlib import Path
-from typing import Iterable, Sequence
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from fla_ds.corpus.base import FrameFolder, FrameSource, VideoFile
-
 PACK_MAGIC = b"FLAJ"
 PACK_VERSION = 1
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
 class SampleError(Exception):
-    """This sample cannot be used; ``str(exc)`` is the reject reason."""
+    """This sample cannot be used; ``str(exc)`` is the reject reason: a fixed phrase, then
+    details in parentheses (the index counts rejects by the phrase)."""
 
 
-def natural_key(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-# ---------------------------------------------------------------- decoding a corpus source
-
-
-def list_frame_files(folder: FrameFolder) -> list[Path]:
-    path = Path(folder.path)
-    if not path.is_dir():
-        raise SampleError("missing frame folder")
-    files = [p for p in path.glob(folder.pattern) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    return sorted(files, key=lambda p: natural_key(p.name))
-
-
-def read_frame_folder(folder: FrameFolder) -> list[Image.Image]:
-    files = list_frame_files(folder)
-    if not files:
-        raise SampleError("zero frames")
-    frames = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im.load()
-                frames.append(im.convert("RGB"))
-        except Exception:
-            raise SampleError(f"corrupt image ({f.name})") from None
-    return frames
-
-
-def read_video(video: VideoFile) -> tuple[list[Image.Image], dict]:
-    """Decode a video (or its [start, end) cut). Returns frames and facts about the cut
-    (``end_clamped`` when the annotated end lies past the end of the video)."""
-    import av
-
-    path = Path(video.path)
-    if not path.is_file():
-        raise SampleError("missing video file")
-    facts: dict = {}
-    frames: list[Image.Image] = []
-    decoded = declared = 0
-    stopped_at_end = False
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise SampleError("unreadable video (no video stream)")
-            stream = container.streams.video[0]
-            declared = stream.frames or 0
-            last_time = None
-            for frame in container.decode(stream):
-                decoded += 1
-                t = float(frame.time) if frame.time is not None else None
-                last_time = t
-                if video.start is not None and t is not None and t < video.start:
-                    continue
-                if video.end is not None and t is not None and t >= video.end:
-                    stopped_at_end = True
-                    break
-                frames.append(frame.to_image())
-    except SampleError:
-        raise
-    except Exception as exc:  # FFmpeg raises many types for broken input
-        if frames:
-            raise SampleError(f"truncated video ({type(exc).__name__} after {decoded} frames)") from None
-        raise SampleError(f"unreadable video ({type(exc).__name__})") from None
-    if not stopped_at_end and declared and decoded < declared:
-        raise SampleError(f"truncated video (decoded {decoded} of {declared} frames)")
-    if video.start is not None and last_time is not None and video.start > last_time:
-        raise SampleError("clip start past end of video")
-    if video.end is not None and last_time is not None and video.end > last_time + 1e-6 and frames:
-        facts["end_clamped"] = True
-    if not frames:
-        raise SampleError("zero frames")
-    return frames, facts
-
-
-def decode_source(source: FrameSource) -> tuple[list[Image.Image], dict]:
-    if isinstance(source, FrameFolder):
-        return read_frame_folder(source), {}
-    if isinstance(source, VideoFile):
-        return read_video(source)
-    raise TypeError(f"unknown frame source {source!r}")
-
-
-# ---------------------------------------------------------------- resize and encode
+# ---------------------------------------------------------------- sizes and JPEG
 
 
 def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) scaled so that the short side is ``short_side`` pixels (aspect kept,
+    each side at least 1); ``short_side <= 0`` keeps the size."""
     if short_side <= 0:
         return width, height
     scale = short_side / min(width, height)
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def resize_short_side(image: Image.Image, short_side: int) -> Image.Image:
-    size = resized_size(image.width, image.height, short_side)
-    if size == image.size:
-        return image
-    return image.resize(size, Image.Resampling.BILINEAR)
-
-
-def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+def encode_jpeg(frame: np.ndarray | Image.Image, quality: int) -> bytes:
+    """One RGB frame (uint8 (H, W, 3) or a PIL image) as a baseline JPEG, 4:2:0."""
+    image = Image.fromarray(frame) if isinstance(frame, np.ndarray) else frame
     buf = io.BytesIO()
     # No optimize/progressive: baseline JPEG decodes fastest, and the output is deterministic.
     image.save(buf, format="JPEG", quality=quality, subsampling="4:2:0")
     return buf.getvalue()
 
 
+def decode_jpeg(data: bytes | memoryview) -> np.ndarray:
+    """A JPEG -> uint8 (H, W, 3) RGB."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+# ---------------------------------------------------------------- the frame pack
+
+
 def pack_frames(jpegs: Sequence[bytes]) -> bytes:
+    """JPEG byte strings -> one frame pack (see the module docstring for the layout)."""
     offsets = [0]
     for j in jpegs:
         offsets.append(offsets[-1] + len(j))
@@ -147,7 +73,10 @@ def pack_frames(jpegs: Sequence[bytes]) -> bytes:
 
 
 class FramePack:
-    """Random access to the JPEGs of one packed clip, validated before any byte is used."""
+    """Random access to the JPEGs of one packed clip, validated before any byte is used.
+
+    Raises ValueError (bad magic, unknown version, truncated header, offsets that do not
+    account for the bytes)."""
 
     def __init__(self, data: bytes | memoryview):
         data = memoryview(data)
@@ -174,20 +103,62 @@ class FramePack:
 
     def decode(self, indices: Iterable[int]) -> np.ndarray:
         """Decode the given frames into a (T, H, W, 3) uint8 array."""
-        arrays = [decode_jpeg(self.jpeg(i)) for i in indices]
-        return np.stack(arrays)
+        return np.stack([decode_jpeg(self.jpeg(i)) for i in indices])
 
 
-def decode_jpeg(data: bytes | memoryview) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
+# ---------------------------------------------------------------- a clip, streamed
 
 
-def encode_clip(frames: Sequence[Image.Image], short_side: int, quality: int) -> tuple[bytes, int, int]:
-    """Resize and encode every frame; returns (pack, width, height)."""
-    resized = [resize_short_side(f, short_side) for f in frames]
-    sizes = {im.size for im in resized}
-    if len(sizes) != 1:
-        raise SampleError(f"frames of different sizes ({sorted(sizes)})")
-    width, height = resized[0].size
-    return pack_frames([encode_jpeg(im, quality) for im in resized]), width, height
+@dataclass
+class EncodedClip:
+    """One clip as stored: its frame pack, frame count and stored size (pixels), and the
+    repairs made while reading it (counted into the shard index, e.g. ``end_clamped``)."""
+
+    pack: bytes
+    num_frames: int
+    width: int
+    height: int
+    repaired: Counter = field(default_factory=Counter)
+
+
+def encode_frames(frames: Iterable[np.ndarray], quality: int, max_frames: int = 0, repaired: Counter | None = None) -> EncodedClip:
+    """RGB uint8 (H, W, 3) frames, all of one size, -> an EncodedClip; each frame is JPEG-encoded
+    as it arrives and dropped. Raises SampleError for zero frames, frames of different sizes, or
+    more than ``max_frames`` (0: no limit)."""
+    jpegs: list[bytes] = []
+    size = None
+    for frame in frames:
+        if size is None:
+            size = frame.shape[:2]
+        elif frame.shape[:2] != size:
+            raise SampleError(f"frames of different sizes ({size[1]}x{size[0]} and {frame.shape[1]}x{frame.shape[0]})")
+        if max_frames and len(jpegs) >= max_frames:
+            raise SampleError(f"too many frames (more than shards.max_frames={max_frames})")
+        jpegs.append(encode_jpeg(frame, quality))
+    if size is None:
+        raise SampleError("zero frames")
+    return EncodedClip(pack_frames(jpegs), len(jpegs), size[1], size[0], repaired if repaired is not None else Counter())
+
+
+def source_frames(source, short_side: int, repaired: Counter) -> Iterator[np.ndarray]:
+    """The frames of a corpus frame source (FrameFolder or VideoFile), resized so that the
+    short side is ``short_side``, as RGB uint8 (H, W, 3) arrays; repairs are counted into
+    ``repaired``. Raises SampleError for an unusable source."""
+    from fla_ds.corpus.base import FrameFolder, VideoFile
+
+    if isinstance(source, FrameFolder):
+        from fla_ds.frame_folder import folder_frames
+
+        return folder_frames(source, short_side, repaired)
+    if isinstance(source, VideoFile):
+        from fla_ds.video import video_frames
+
+        return video_frames(source, short_side, repaired)
+    raise TypeError(f"unknown frame source {source!r}")
+
+
+def encode_source(source, short_side: int, quality: int, max_frames: int = 0) -> EncodedClip:
+    """Read, resize and encode one frame source: what a shard stores and what ``translate``
+    feeds the model."""
+    repaired: Counter = Counter()
+    return encode_frames(source_frames(source, short_side, repaired), quality, max_frames, repaired)

@@ -42,7 +42,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fla_ds.augment import collate_clips, eval_crop, sample_frame_indices, train_crop
-from fla_ds.shards import load_index
+from fla_ds.shards.index import load_index
 from fla_ds.shards.format import ShardFormatError, iter_raw_samples, parse_feature_sample, parse_sample
 
 Ref = tuple[int, int]  # (shard number in the index, sample position in that shard)

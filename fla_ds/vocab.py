@@ -32,7 +32,7 @@ from webdataset import gopen
 from webdataset.tariterators import tar_file_iterator
 
 from fla_ds.atomic import atomic_write_text
-from fla_ds.shards.build import load_index
+from fla_ds.shards.index import load_index
 from fla_ds.shards.format import MEMBER_SUFFIXES, ShardFormatError
 
 VOCAB_VERSION = 1

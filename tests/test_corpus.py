@@ -17,7 +17,7 @@ from fla_ds.corpus.csl_daily import CSLDailyReader
 from fla_ds.corpus.how2sign import How2SignReader
 from fla_ds.corpus.manifest import ManifestReader
 from fla_ds.corpus.phoenix14t import Phoenix14TReader
-from fla_ds.frames import list_frame_files
+from fla_ds.frame_folder import list_frame_files
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PHOENIX_INNER = Path("PHOENIX-2014-T-release-v3/PHOENIX-2014-T")

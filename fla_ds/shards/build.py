@@ -32,7 +32,7 @@ from fla_ds.atomic import atomic_write_json, atomic_write_text, tmp_name
 from fla_ds.config import save_resolved
 from fla_ds.corpus import open_corpus
 from fla_ds.corpus.base import CorpusSample, canonical_split, clean_text, safe_key, sha256_file
-from fla_ds.frames import SampleError, decode_source, encode_clip
+from fla_ds.frames import EncodedClip, SampleError, encode_source
 from fla_ds.shards.format import ShardWriter
 
 BUILDER_VERSION = 1
@@ -178,12 +178,8 @@ def sample_meta(planned: PlannedSample, corpus: str, split: str, num_frames: int
     }
 
 
-def encode_sample(planned: PlannedSample, settings: dict) -> tuple[bytes, int, int, int, dict]:
-    frames, facts = decode_source(planned.sample.frames)
-    if settings["max_frames"] and len(frames) > settings["max_frames"]:
-        raise SampleError(f"too many frames ({len(frames)} > shards.max_frames={settings['max_frames']})")
-    pack, width, height = encode_clip(frames, settings["short_side"], settings["jpeg_quality"])
-    return pack, len(frames), width, height, facts
+def encode_sample(planned: PlannedSample, settings: dict) -> EncodedClip:
+    return encode_source(planned.sample.frames, settings["short_side"], settings["jpeg_quality"], settings["max_frames"])
 
 
 def build_shard(out: Path, plan_meta: dict, index: int, samples: list[PlannedSample]) -> dict:
@@ -200,15 +196,14 @@ def build_shard(out: Path, plan_meta: dict, index: int, samples: list[PlannedSam
         writer = ShardWriter(f)
         for planned in samples:
             try:
-                pack, count, width, height, facts = encode_sample(planned, settings)
+                clip = encode_sample(planned, settings)
             except SampleError as exc:
                 rejects.append(reject_record(split, planned.sample, planned.position, str(exc)))
                 continue
-            if facts.get("end_clamped"):
-                repaired["end_clamped"] += 1
-            writer.write(planned.key, sample_meta(planned, plan_meta["corpus"], split, count, width, height), pack)
+            repaired.update(clip.repaired)
+            writer.write(planned.key, sample_meta(planned, plan_meta["corpus"], split, clip.num_frames, clip.width, clip.height), clip.pack)
             n_samples += 1
-            n_frames += count
+            n_frames += clip.num_frames
         writer.close()
         f.flush()
         os.fsync(f.fileno())
@@ -383,16 +378,3 @@ def build_shards(cfg, progress_bar: bool = True) -> BuildSummary:
         save_resolved(cfg, out, f"config.{plan.split}.yaml")
         index = entry
     return BuildSummary(plan.split, len(plan.shards), len(built), len(selected) - len(built), index, time.perf_counter() - started, frames_built)
-
-
-def load_index(folder: str | os.PathLike, split: str) -> dict:
-    """The index entry of one split, with a one-line error when it is missing."""
-    path = Path(folder) / "index.json"
-    if not path.is_file():
-        raise BuildError(f"{path} does not exist: build the shards first (fla-ds shards build)")
-    index = json.loads(path.read_text("utf-8"))
-    splits = index.get("splits", {})
-    split = canonical_split(split)
-    if split not in splits:
-        raise BuildError(f"{path} has no split '{split}' (it has: {', '.join(sorted(splits)) or 'none'})")
-    return splits[split]
