@@ -132,6 +132,12 @@ class BenchConfig:
     workers: int = 2
     out: str = ""
     """Scratch folder; empty uses a temporary one."""
+    raw_seconds: float = 240.0
+    """`fla-ds bench ingest`: length of the long raw video cut at its start, middle and end."""
+    raw_keyint_s: float = 2.0
+    """`fla-ds bench ingest`: keyframe interval of that video, seconds."""
+    hd_seconds: float = 20.0
+    """`fla-ds bench ingest`: length of the 1280x720 clip whose build memory is measured."""
 
 
 @dataclass

@@ -69,7 +69,7 @@ def pack_frames(jpegs: Sequence[bytes]) -> bytes:
     for j in jpegs:
         offsets.append(offsets[-1] + len(j))
     header = PACK_MAGIC + struct.pack("<II", PACK_VERSION, len(jpegs)) + struct.pack(f"<{len(offsets)}Q", *offsets)
-    return header + b"".join(jpegs)
+    return b"".join([header, *jpegs])  # one copy: a clip can be tens of MB
 
 
 class FramePack:
@@ -121,23 +121,32 @@ class EncodedClip:
     repaired: Counter = field(default_factory=Counter)
 
 
-def encode_frames(frames: Iterable[np.ndarray], quality: int, max_frames: int = 0, repaired: Counter | None = None) -> EncodedClip:
-    """RGB uint8 (H, W, 3) frames, all of one size, -> an EncodedClip; each frame is JPEG-encoded
-    as it arrives and dropped. Raises SampleError for zero frames, frames of different sizes, or
-    more than ``max_frames`` (0: no limit)."""
-    jpegs: list[bytes] = []
-    size = None
-    for frame in frames:
-        if size is None:
-            size = frame.shape[:2]
-        elif frame.shape[:2] != size:
-            raise SampleError(f"frames of different sizes ({size[1]}x{size[0]} and {frame.shape[1]}x{frame.shape[0]})")
-        if max_frames and len(jpegs) >= max_frames:
-            raise SampleError(f"too many frames (more than shards.max_frames={max_frames})")
-        jpegs.append(encode_jpeg(frame, quality))
-    if size is None:
-        raise SampleError("zero frames")
-    return EncodedClip(pack_frames(jpegs), len(jpegs), size[1], size[0], repaired if repaired is not None else Counter())
+class ClipEncoder:
+    """Builds one clip's frame pack as frames arrive: each RGB uint8 (H, W, 3) frame is
+    JPEG-encoded at once and dropped, so memory is the clip's stored size. Raises
+    SampleError from ``add`` for a frame of another size or one more than ``max_frames``
+    (0: no limit), and from ``finish`` for zero frames."""
+
+    def __init__(self, quality: int, max_frames: int = 0):
+        self.quality, self.max_frames = quality, max_frames
+        self.jpegs: list[bytes] = []
+        self.size: tuple[int, int] | None = None  # (height, width)
+
+    def add(self, frame: np.ndarray) -> None:
+        if self.size is None:
+            self.size = frame.shape[:2]
+        elif frame.shape[:2] != self.size:
+            raise SampleError(f"frames of different sizes ({self.size[1]}x{self.size[0]} and {frame.shape[1]}x{frame.shape[0]})")
+        if self.max_frames and len(self.jpegs) >= self.max_frames:
+            raise SampleError(f"too many frames (more than shards.max_frames={self.max_frames})")
+        self.jpegs.append(encode_jpeg(frame, self.quality))
+
+    def finish(self, repaired: Counter | None = None) -> EncodedClip:
+        if self.size is None:
+            raise SampleError("zero frames")
+        pack, count = pack_frames(self.jpegs), len(self.jpegs)
+        self.jpegs = []
+        return EncodedClip(pack, count, self.size[1], self.size[0], Counter(repaired or {}))
 
 
 def source_frames(source, short_side: int, repaired: Counter) -> Iterator[np.ndarray]:
@@ -161,4 +170,7 @@ def encode_source(source, short_side: int, quality: int, max_frames: int = 0) ->
     """Read, resize and encode one frame source: what a shard stores and what ``translate``
     feeds the model."""
     repaired: Counter = Counter()
-    return encode_frames(source_frames(source, short_side, repaired), quality, max_frames, repaired)
+    encoder = ClipEncoder(quality, max_frames)
+    for frame in source_frames(source, short_side, repaired):
+        encoder.add(frame)
+    return encoder.finish(repaired)  # after the source is exhausted: its repairs are counted

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from corpus_factory import bad_inputs_corpus, frames_corpus
+from corpus_factory import bad_inputs_corpus, frames_corpus, write_manifest
 from fla_ds.cli import main
 from fla_ds.config import load_config
 from fla_ds.shards import ShardFormatError, build_shards, iter_raw_samples, parse_sample
@@ -201,3 +201,98 @@ def test_sample_keys_have_no_dots(tmp_path):
     keys = [m.name for shard in (tmp_path / "out").glob("*.tar") for m in tarfile.open(shard)]
     assert keys and all(name.count(".") == 1 for name in keys)
     assert any(name.startswith("has_dots_and_slash_") for name in keys)
+
+
+def _children(pid: int) -> set[int]:
+    """Pids whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the workers")
+def test_workers_exit_when_the_main_process_is_killed_and_no_temporary_file_survives_a_rerun(tmp_path):
+    manifest = frames_corpus(tmp_path / "corpus", 24, min_frames=24, max_frames=30)
+    settings = ["shards.samples_per_shard=2", "shards.short_side=160"]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fla_ds", "shards", "build", "--corpus", "manifest", "--root", str(manifest),
+           "--split", "train", "--quiet", "--out", str(out), "--workers", "2", *settings]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    workers: set[int] = set()
+    while time.monotonic() < deadline and proc.poll() is None:
+        workers = {p for p in _children(proc.pid) if "spawn" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")}
+        if len(workers) == 2 and list(out.glob(".train-*.tar.*.tmp")):
+            break
+        time.sleep(0.02)
+    assert len(workers) == 2 and proc.poll() is None, "the build should be mid-way with two workers"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)], "workers outlived the killed build"
+
+    summary = build(manifest, out, *settings)
+    assert summary.index["samples"] == 24
+    assert not list(out.rglob("*.tmp")), "a temporary file survived the rerun"
+
+
+def test_a_build_that_keeps_no_sample_fails_with_one_line_and_keeps_its_rejects(tmp_path, capsys):
+    rows = [{"id": f"gone{i}", "frames": f"frames/gone{i}", "text": "fehlt"} for i in range(5)]
+    manifest = tmp_path / "corpus" / "train.jsonl"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
+    out = tmp_path / "out"
+    code = main(["shards", "build", "--corpus", "manifest", "--root", str(manifest), "--split", "train", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "no sample kept of 5 (5 missing frame folder)" in err and "rejects.jsonl" in err
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text("utf-8").splitlines()]
+    assert [r["id"] for r in rejects] == [f"gone{i}" for i in range(5)]
+    index = read_index(out)
+    assert "train" not in index["splits"], "a failed build must not leave a split to train on"
+
+
+def test_the_cuts_of_one_video_are_planned_together_and_shards_stay_identical_across_workers(tmp_path):
+    """Rows of one raw video spread over the manifest land in one shard, in time order, and
+    are read in one pass; frame folders around them keep the plain seeded order."""
+    from fla_ds.config import load_config
+    from fla_ds.shards.build import make_plan
+
+    from corpus_factory import REAL_CLIPS, write_frames
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "raw.mp4").write_bytes(REAL_CLIPS[0].read_bytes())  # 17 frames at 24 fps
+    rows = []
+    for i in range(6):
+        write_frames(root / "frames" / f"f{i}", 4, seed=i)
+        rows.append({"id": f"f{i}", "frames": f"frames/f{i}", "text": f"folder {i}"})
+        rows.append({"id": f"cut{i}", "video": "raw.mp4", "start": 0.1 * (5 - i), "end": 0.1 * (5 - i) + 0.2, "text": f"cut {i}"})
+    manifest = write_manifest(root / "train.jsonl", rows)
+    cfg = load_config(None, [f"corpus.root={manifest}", "shards.samples_per_shard=8"])
+    plan = make_plan(cfg)
+    holding = [s for s in plan.shards if any(p.sample.id.startswith("cut") for p in s)]
+    assert len(holding) == 1, "all cuts of one video belong in one shard"
+    cuts = [p for p in holding[0] if p.sample.id.startswith("cut")]
+    assert [p.sample.id for p in cuts] == [f"cut{i}" for i in range(5, -1, -1)]  # by start time
+    assert sum(len(s) for s in plan.shards) == 12 and all(len(s) <= 8 for s in plan.shards)
+    build(manifest, tmp_path / "one", "shards.samples_per_shard=8", "shards.short_side=64", workers=1)
+    build(manifest, tmp_path / "two", "shards.samples_per_shard=8", "shards.short_side=64", workers=2)
+    assert tar_bytes(tmp_path / "one") == tar_bytes(tmp_path / "two")
+    assert read_index(tmp_path / "one")["splits"]["train"]["samples"] == 12

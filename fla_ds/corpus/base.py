@@ -9,6 +9,8 @@ every outcome is counted in one place.
 from __future__ import annotations
 
 import hashlib
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Protocol, Union
@@ -16,7 +18,8 @@ from typing import Iterator, Optional, Protocol, Union
 
 @dataclass(frozen=True)
 class FrameFolder:
-    """A folder of image files (PNG/JPEG), read in natural (numeric-aware) name order."""
+    """A folder of image files (PNG/JPEG), read in natural (numeric-aware) name order;
+    ``pattern`` is matched against file names case-insensitively (fla_ds.frame_folder)."""
 
     path: str
     pattern: str = "*"
@@ -102,13 +105,42 @@ def clean_text(raw: Union[str, bytes]) -> tuple[Optional[str], str]:
     return text, "repaired" if repaired else "ok"
 
 
+KEY_PREFIX_MAX = 100
+"""Characters of an id kept in its shard key before the hash (tar member names stay short)."""
+_KEY_CHARS = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _ascii_form(sample_id: str) -> str:
+    """The id's ASCII look-alike: accents stripped (NFKD without combining marks), other
+    ASCII punctuation as '_', letters without an ASCII form (ß, 手) dropped."""
+    out = []
+    for c in unicodedata.normalize("NFKD", sample_id):
+        if c.isascii():
+            out.append(c if _KEY_CHARS.fullmatch(c) else "_")
+        # non-ASCII: a combining mark or a letter with no ASCII decomposition; dropped
+    return "".join(out)
+
+
 def safe_key(sample_id: str) -> str:
-    """A WebDataset key for an id: WebDataset cuts keys at the first dot, and '/' would make
-    a member path, so both are replaced; a short hash keeps distinct ids distinct."""
-    cleaned = "".join(c if (c.isalnum() or c in "-_") else "_" for c in sample_id)
-    if cleaned == sample_id:
-        return cleaned
-    return f"{cleaned}_{hashlib.sha1(sample_id.encode('utf-8')).hexdigest()[:8]}"
+    """The WebDataset key (tar member name stem) of a sample id; the id itself travels unchanged
+    in the sample's json.
+
+    An id that is already ``[A-Za-z0-9_-]{1,100}`` and does not start with ``__`` is its own key
+    (every PHOENIX, CSL-Daily and How2Sign id). Any other id (dots, slashes, spaces, non-ASCII
+    letters, NFC or NFD alike) becomes its ASCII form (``_ascii_form``, leading underscores cut to
+    one, at most ``KEY_PREFIX_MAX`` characters) plus ``_`` and 8 hex digits of the SHA-1 of its
+    UTF-8 bytes: ``über-straße`` -> ``uber-strae_<hash>``, ``手语句子`` -> ``<hash>``. WebDataset
+    cuts keys at the first dot, '/' would make a member path, and it reserves keys starting with
+    ``__``. The result is never empty and matches ``[A-Za-z0-9_-]+``. Two ids can still share a
+    key (a hash collision, or an id that spells another's hashed key); the shard builder's
+    planning (``check_samples``) gives the later one a distinct key, so the keys of one build are
+    always distinct.
+    """
+    if _KEY_CHARS.fullmatch(sample_id) and not sample_id.startswith("__") and len(sample_id) <= KEY_PREFIX_MAX:
+        return sample_id
+    digest = hashlib.sha1(sample_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    prefix = re.sub(r"^_+", "_", _ascii_form(sample_id))[:KEY_PREFIX_MAX]
+    return f"{prefix}_{digest}" if prefix.strip("_") else digest
 
 
 SPLIT_ALIASES = {"train": "train", "dev": "dev", "val": "dev", "valid": "dev", "validation": "dev", "test": "test"}

@@ -7,6 +7,11 @@ that it is rejected and counted there. So a file is read as bytes and decoded wi
 fields by the csv module, and a field is turned back into its original bytes only if it holds
 such a surrogate (``text_or_bytes``). Ids and meta values must be JSON-serialisable, so there
 the same bytes are shown as ``\\xNN`` escapes instead (``printable``).
+
+Delimited tables (PHOENIX, How2Sign, CSL-Daily's split file, CSV manifests) are parsed one line
+at a time by the csv module in strict mode (``read_table`` lists the rules): one row is one
+line, so a stray quote is an error naming its line instead of a field that silently swallows
+the rows after it.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 from fla_ds.corpus.base import CorpusError
 
@@ -86,33 +91,99 @@ def json_safe(value):
     return value
 
 
+class _OneLine:
+    """The input of a csv reader that gets one line: it notes whether the reader asked for
+    more, which it does only when the line ends inside a quoted field."""
+
+    def __init__(self, line: str):
+        self.line: Optional[str] = line
+        self.asked_for_more = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self.line is None:
+            self.asked_for_more = True
+            raise StopIteration
+        line, self.line = self.line, None
+        return line
+
+
+def parse_line(
+    line: str, path: Path, number: int, delimiter: str, quoting: int, header: Optional[list[str]] = None
+) -> list[str]:
+    """The fields of one physical line (its line ending included or not).
+
+    Raises CorpusError naming ``path`` and ``number``: for a quote that the line does not close
+    (with the column it opened in, when ``header`` is given), and for anything else the csv
+    module refuses in strict mode (text after a closing quote, a field over its size limit).
+    """
+    source = _OneLine(line)
+    try:
+        return next(csv.reader(source, delimiter=delimiter, quoting=quoting, strict=True), [])
+    except csv.Error as exc:
+        if not source.asked_for_more:
+            raise CorpusError(f"{path} line {number}: not valid CSV ({exc})") from None
+    opened = len(next(csv.reader([line], delimiter=delimiter, quoting=quoting), [""]))
+    column = f" in column '{header[opened - 1]}'" if header and opened <= len(header) else ""
+    raise CorpusError(
+        f"{path} line {number}: unterminated quote{column}: the quoted field opened on line {number} is still "
+        f"open at the end of that line, where parsing stops (annotation rows are one line each)"
+    )
+
+
 def read_table(
     path: Path, delimiter: str, quoting: int = csv.QUOTE_MINIMAL, required: tuple[str, ...] = ()
 ) -> Iterator[tuple[int, dict[str, str]]]:
     """Rows of a delimited file with a header, as (line number, {column: field}).
 
-    Line endings may be LF or CRLF. Fully blank lines are skipped; a row with a different
-    number of fields than the header, or a header without a ``required`` column, is a
-    CorpusError naming the file and line, since no reader can guess what such a row means.
+    The rules (README "Building shards"), the same for every annotation table:
+
+    - A UTF-8 BOM is dropped; bytes that are not UTF-8 survive (``decode_lossless``).
+    - A line ends at LF, CRLF or a lone CR (what the csv module, Python and spreadsheet programs
+      take as a line break; old Mac exports end lines with CR). Line numbers count these.
+    - One row is one line. Quoting is standard CSV (``"a ""b"" c"``), strict: a quote that the
+      line does not close is a CorpusError naming the file, the line and the column, never a
+      field that swallows the rows after it; so is text after a closing quote.
+      A sentence that truly holds a line break cannot be written in these formats.
+    - Lines holding only whitespace are skipped (they hold no data).
+    - A trailing delimiter is ignored: an empty last header name is dropped, and so is an empty
+      last field of a row that has one field more than the header. No value changes, so
+      nothing is counted.
+    - A row with another number of fields, a header naming a column twice, or a header without
+      a ``required`` column is a CorpusError naming the file and line: no reader can guess what
+      such a row means.
+
+    Raises CorpusError (one line) as above, and for a file without a header line.
     """
-    text = decode_lossless(path.read_bytes())
-    # newline="" keeps the csv module in charge of line endings, including quoted newlines.
-    rows = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
-    header = next(rows, None)
+    header: Optional[list[str]] = None
+    for number, line in enumerate(io.StringIO(decode_lossless(path.read_bytes()), newline=""), start=1):
+        if not line.strip():
+            continue
+        fields = parse_line(line, path, number, delimiter, quoting, header)
+        if header is None:
+            header = [h.strip() for h in fields]
+            if len(header) > 1 and header[-1] == "":
+                header.pop()
+            _check_header(header, path, number, required)
+            continue
+        if len(fields) == len(header) + 1 and fields[-1] == "":
+            fields.pop()
+        if len(fields) != len(header):
+            raise CorpusError(f"{path} line {number}: {len(fields)} fields where the header has {len(header)}")
+        yield number, dict(zip(header, fields))
     if header is None:
         raise CorpusError(f"{path}: empty file (expected a header line)")
-    header = [h.strip() for h in header]
+
+
+def _check_header(header: list[str], path: Path, number: int, required: tuple[str, ...]) -> None:
     for column in required:
         if column not in header:
-            raise CorpusError(f"{path} line 1: header has no column '{column}'")
-    for fields in rows:
-        if not fields or fields == [""]:
-            continue
-        if len(fields) != len(header):
-            raise CorpusError(
-                f"{path} line {rows.line_num}: {len(fields)} fields where the header has {len(header)}"
-            )
-        yield rows.line_num, dict(zip(header, fields))
+            raise CorpusError(f"{path} line {number}: header has no column '{column}'")
+    for column in header:
+        if header.count(column) > 1:
+            raise CorpusError(f"{path} line {number}: header names column '{column}' twice")
 
 
 def parse_seconds(value, path: Path, line: int, column: str) -> float:

@@ -8,8 +8,10 @@ quoting (sentences holding quotes are quoted, inner quotes doubled), times in se
 Two kinds of users, two ways to the frames: pre-cut clips ``<clips>/<SENTENCE_NAME>.mp4``
 (``corpus.how2sign_clips``), or raw videos ``<raw>/<VIDEO_NAME>.mp4`` cut by the re-aligned
 times (``corpus.how2sign_raw_videos``, the official advice). Rows whose video is missing are
-still yielded, and mojibake (``youâ\\x80\\x99re``) is passed on unrepaired: the shard builder
-rejects, repairs and counts both in one place.
+still yielded, mojibake (``youâ\\x80\\x99re``) is passed on unrepaired, and times are passed on
+as written (also in ``meta``): the shard builder rejects, repairs and counts all of them in
+one place (a negative start clamped, an empty cut rejected, an end past the video clamped).
+The file is read by ``fla_ds.corpus.files.read_table`` (one row per line, strict quoting).
 """
 from __future__ import annotations
 

@@ -14,8 +14,12 @@
     anything else goes to the sample's meta
 
 Relative paths are relative to the manifest file's folder, so a corpus folder can be moved.
-CSV files have a header row and standard quoting; an empty cell counts as absent (except
-``text``, where it is an empty sentence for the builder to reject). JSON lines are parsed with
+CSV files have a header row and standard quoting, one row per line (the rules of
+``fla_ds.corpus.files.read_table``: an unterminated quote is an error naming its line); an
+empty cell counts as absent (except ``text``, where it is an empty sentence for the builder to
+reject). Ids are kept as written (any Unicode; surrounding spaces trimmed); the shard key is the
+builder's business (``fla_ds.corpus.base.safe_key``). Times are passed on as written: the
+builder clamps a negative start and rejects an empty cut. JSON lines are parsed with
 ``json.loads`` and nothing else. A row that lacks a required column is a CorpusError naming the
 file, the line and the column: the manifest is wrong, not the sample.
 """

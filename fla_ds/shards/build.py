@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -31,11 +32,12 @@ from typing import Iterator, Optional
 from fla_ds.atomic import atomic_write_json, atomic_write_text, tmp_name
 from fla_ds.config import save_resolved
 from fla_ds.corpus import open_corpus
-from fla_ds.corpus.base import CorpusSample, canonical_split, clean_text, safe_key, sha256_file
-from fla_ds.frames import EncodedClip, SampleError, encode_source
+from fla_ds.corpus.base import CorpusSample, VideoFile, canonical_split, clean_text, safe_key, sha256_file
+from fla_ds.frames import ClipEncoder, EncodedClip, SampleError, encode_source
 from fla_ds.shards.format import ShardWriter
+from fla_ds.video import Cut, read_cuts
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 # Settings that change the bytes of a shard; anything else (workers, paths) must not.
 BYTE_SETTINGS = ("samples_per_shard", "short_side", "jpeg_quality", "order_seed", "max_frames")
 
@@ -75,8 +77,27 @@ def reject_record(split: str, sample: CorpusSample, position: int, reason: str) 
     return {"split": split, "id": sample.id, "position": position, "reason": reason, "source": str(getattr(sample.frames, "path", ""))}
 
 
+def check_time_cut(frames):
+    """A video time cut checked before any decoding: (frames, repair or None, reject reason or None).
+
+    A negative start is clamped to 0 (repair ``start_clamped``; nothing lies before the first
+    frame); a cut whose end is at or before its (clamped) start holds no frame and is rejected.
+    An end past the video is the video reader's to clamp (``end_clamped``): only it knows the
+    duration. Frame folders and uncut videos pass unchanged."""
+    if not isinstance(frames, VideoFile):
+        return frames, None, None
+    start = 0.0 if frames.start is None else max(0.0, frames.start)
+    if frames.end is not None and frames.end <= start:
+        return frames, None, f"empty time cut (end {frames.end:g} s <= start {start:g} s)"
+    if frames.start is not None and frames.start < 0:
+        return replace(frames, start=0.0), "start_clamped", None
+    return frames, None, None
+
+
 def check_samples(samples: Iterator[CorpusSample], split: str) -> tuple[list[PlannedSample], list[dict], Counter]:
-    """The cheap checks of planning: text and duplicate ids."""
+    """The cheap checks of planning: text, time cuts (``check_time_cut``), duplicate ids, and a
+    distinct shard key for every sample (``safe_key``; on the rare clash of two different ids the
+    later one gets ``<key>-1``, ``-2``... in corpus order, so keys are deterministic)."""
     kept, rejects, repaired = [], [], Counter()
     seen_ids: set[str] = set()
     seen_keys: set[str] = set()
@@ -84,38 +105,103 @@ def check_samples(samples: Iterator[CorpusSample], split: str) -> tuple[list[Pla
         text, outcome = clean_text(sample.text)
         if sample.meta.get("label_missing"):  # listed in the split file, absent from the labels
             text, outcome = None, "missing label"
-        if text is None:
-            rejects.append(reject_record(split, sample, position, outcome))
+        frames, time_repair, time_reject = check_time_cut(sample.frames)
+        if text is None or time_reject:
+            rejects.append(reject_record(split, sample, position, time_reject if text is not None else outcome))
             continue
-        key = safe_key(sample.id)
-        if sample.id in seen_ids or key in seen_keys:
+        if sample.id in seen_ids:
             rejects.append(reject_record(split, sample, position, "duplicate id"))
             continue
+        key = safe_key(sample.id)
+        clash = 0
+        while key in seen_keys:
+            clash += 1
+            key = f"{safe_key(sample.id)}-{clash}"
         seen_ids.add(sample.id)
         seen_keys.add(key)
         if outcome == "repaired":
             repaired["mojibake"] += 1
-        kept.append(PlannedSample(position, key, replace(sample, text=text), outcome == "repaired"))
+        if time_repair:
+            repaired[time_repair] += 1
+        kept.append(PlannedSample(position, key, replace(sample, text=text, frames=frames), outcome == "repaired"))
     return kept, rejects, repaired
 
 
-def seeded_order(samples: list[PlannedSample], seed: Optional[int]) -> list[PlannedSample]:
+def cut_video(sample: CorpusSample) -> Optional[str]:
+    """The video file a sample is a time cut of, or None (frame folders, whole videos)."""
+    frames = sample.frames
+    if isinstance(frames, VideoFile) and (frames.start is not None or frames.end is not None):
+        return frames.path
+    return None
+
+
+def group_cuts(samples: list[PlannedSample]) -> list[list[PlannedSample]]:
+    """Samples in groups that are read together: all the cuts of one video (in time order;
+    How2Sign's raw videos hold ~13 sentences each), every other sample alone. Groups keep
+    the order of their first sample."""
+    groups: list[list[PlannedSample]] = []
+    by_video: dict[str, list[PlannedSample]] = {}
+    for planned in samples:
+        video = cut_video(planned.sample)
+        if video is None:
+            groups.append([planned])
+        elif video in by_video:
+            by_video[video].append(planned)
+        else:
+            by_video[video] = [planned]
+            groups.append(by_video[video])
+    for group in by_video.values():
+        group.sort(key=lambda p: (p.sample.frames.start or 0.0, p.position))
+    return groups
+
+
+def seeded_order(groups: list, seed: Optional[int]) -> list:
     """Mix the corpus so that one shard holds many signers and days (corpora list samples
     sorted by date or signer); the order depends on the seed alone."""
     if seed is None:
-        return list(samples)
-    order = list(samples)
+        return list(groups)
+    order = list(groups)
     random.Random(seed).shuffle(order)
     return order
 
 
-def plan_fingerprint(corpus: str, split: str, settings: dict, shards: list[list[PlannedSample]]) -> str:
+def fill_shards(groups: list[list[PlannedSample]], per: int) -> list[list[PlannedSample]]:
+    """Shards of at most ``per`` samples that never split a group unless it alone is larger
+    than a shard (then it fills whole shards in time order). With groups of one sample this
+    is plain chunking."""
+    shards: list[list[PlannedSample]] = []
+    current: list[PlannedSample] = []
+    for group in groups:
+        if current and len(current) + len(group) > per:
+            shards.append(current)
+            current = []
+        for i in range(0, len(group), per):
+            chunk = group[i : i + per]
+            if len(chunk) == per:
+                shards.append(chunk)
+            else:
+                current.extend(chunk)
+    if current:
+        shards.append(current)
+    return shards
+
+
+def source_description(frames, root: Path) -> str:
+    """What a sample's frames are read from, independent of where the corpus is mounted (a
+    job array's nodes may see it under different paths)."""
+    start, end = getattr(frames, "start", None), getattr(frames, "end", None)
+    return json.dumps([type(frames).__name__, _relative(Path(frames.path), root), getattr(frames, "pattern", None), start, end])
+
+
+def plan_fingerprint(corpus: str, split: str, settings: dict, shards: list[list[PlannedSample]], root: Path) -> str:
+    """Identifies a build: builder version, settings, and every shard's samples (key, text,
+    source and time cut), so that shards of another build are never mistaken for this one."""
     h = hashlib.sha256()
     h.update(json.dumps({"builder": BUILDER_VERSION, "corpus": corpus, "split": split, "settings": settings}, sort_keys=True).encode())
     for shard in shards:
         h.update(b"\x00shard")
         for s in shard:
-            h.update(b"\x00" + s.key.encode() + b"\x01" + str(s.sample.text).encode())
+            h.update(b"\x00" + s.key.encode() + b"\x01" + str(s.sample.text).encode() + b"\x01" + source_description(s.sample.frames, root).encode())
     return h.hexdigest()
 
 
@@ -123,16 +209,15 @@ def make_plan(cfg) -> Plan:
     reader = open_corpus(cfg.corpus)
     split = canonical_split(cfg.corpus.split)
     kept, rejects, repaired = check_samples(reader.samples(), split)
-    ordered = seeded_order(kept, cfg.shards.order_seed)
     per = cfg.shards.samples_per_shard
     if per < 1:
         raise BuildError(f"shards.samples_per_shard must be >= 1, got {per}")
-    shards = [ordered[i : i + per] for i in range(0, len(ordered), per)]
+    shards = fill_shards(seeded_order(group_cuts(kept), cfg.shards.order_seed), per)
     settings = {k: cfg.shards[k] for k in BYTE_SETTINGS}
     root = Path(cfg.corpus.root)
     sources = {_relative(p, root): sha256_file(p) for p in reader.source_files()}
     plan = Plan(cfg.corpus.name, split, shards, rejects, repaired, sources, settings)
-    plan.fingerprint = plan_fingerprint(plan.corpus, split, settings, shards)
+    plan.fingerprint = plan_fingerprint(plan.corpus, split, settings, shards, root)
     return plan
 
 
@@ -178,12 +263,60 @@ def sample_meta(planned: PlannedSample, corpus: str, split: str, num_frames: int
     }
 
 
-def encode_sample(planned: PlannedSample, settings: dict) -> EncodedClip:
-    return encode_source(planned.sample.frames, settings["short_side"], settings["jpeg_quality"], settings["max_frames"])
+def encode_one(planned: PlannedSample, settings: dict) -> EncodedClip | SampleError:
+    try:
+        return encode_source(planned.sample.frames, settings["short_side"], settings["jpeg_quality"], settings["max_frames"])
+    except SampleError as exc:
+        return exc
+
+
+def encode_cuts(group: list[PlannedSample], settings: dict) -> Iterator[tuple[PlannedSample, EncodedClip | SampleError]]:
+    """The cuts of one video, read in one pass (fla_ds.video.read_cuts), each with its clip
+    or reject, in the order the cuts end."""
+    cuts = [Cut(p.sample.frames.start, p.sample.frames.end) for p in group]
+    encoders = {i: ClipEncoder(settings["jpeg_quality"], settings["max_frames"]) for i in range(len(group))}
+    failed: dict[int, SampleError] = {}
+    for event in read_cuts(group[0].sample.frames.path, cuts, settings["short_side"]):
+        i = event.index
+        if event.frame is not None:
+            if i not in failed:
+                try:
+                    encoders[i].add(event.frame)
+                except SampleError as exc:
+                    failed[i] = exc
+                    del encoders[i]  # its frames are no longer needed
+            continue
+        error = event.error or failed.get(i)
+        if error is None:
+            try:
+                yield group[i], encoders.pop(i).finish(event.repaired)
+                continue
+            except SampleError as exc:
+                error = exc
+        encoders.pop(i, None)
+        yield group[i], error
+
+
+def encoded_samples(samples: list[PlannedSample], settings: dict) -> Iterator[tuple[PlannedSample, EncodedClip | SampleError]]:
+    """Every planned sample of a shard with its encoded clip or the reason it is rejected.
+    Consecutive cuts of one video (the plan keeps them together) are read in one pass and
+    come out in the order they end; the order depends on the plan alone, so the shard's bytes
+    do not depend on the worker count."""
+    i = 0
+    while i < len(samples):
+        video, j = cut_video(samples[i].sample), i + 1
+        if video is None:
+            yield samples[i], encode_one(samples[i], settings)
+        else:
+            while j < len(samples) and cut_video(samples[j].sample) == video:
+                j += 1
+            yield from encode_cuts(samples[i:j], settings)
+        i = j
 
 
 def build_shard(out: Path, plan_meta: dict, index: int, samples: list[PlannedSample]) -> dict:
-    """Encode one planned shard; runs in a worker process. Returns (and saves) its record."""
+    """Encode one planned shard; runs in a worker process. Returns (and saves) its record.
+    The tar is written under a temporary name, removed if anything goes wrong."""
     split, settings = plan_meta["split"], plan_meta["settings"]
     name = f"{split}-{index:06d}.tar"
     final = out / name
@@ -192,21 +325,23 @@ def build_shard(out: Path, plan_meta: dict, index: int, samples: list[PlannedSam
     tmp = tmp_name(final)
     rejects, repaired = [], Counter()
     n_samples = n_frames = 0
-    with open(tmp, "wb") as f:
-        writer = ShardWriter(f)
-        for planned in samples:
-            try:
-                clip = encode_sample(planned, settings)
-            except SampleError as exc:
-                rejects.append(reject_record(split, planned.sample, planned.position, str(exc)))
-                continue
-            repaired.update(clip.repaired)
-            writer.write(planned.key, sample_meta(planned, plan_meta["corpus"], split, clip.num_frames, clip.width, clip.height), clip.pack)
-            n_samples += 1
-            n_frames += clip.num_frames
-        writer.close()
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            writer = ShardWriter(f)
+            for planned, clip in encoded_samples(samples, settings):
+                if isinstance(clip, SampleError):
+                    rejects.append(reject_record(split, planned.sample, planned.position, str(clip)))
+                    continue
+                repaired.update(clip.repaired)
+                writer.write(planned.key, sample_meta(planned, plan_meta["corpus"], split, clip.num_frames, clip.width, clip.height), clip.pack)
+                n_samples += 1
+                n_frames += clip.num_frames
+            writer.close()
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, final)
     record = {
         "name": name,
@@ -251,6 +386,19 @@ def check_plan_matches(out: Path, plan: Plan) -> None:
         atomic_write_json(plan_file, {"fingerprint": plan.fingerprint, "settings": plan.settings, "shards": len(plan.shards)})
 
 
+def exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Worker initializer: end this worker when the build's main process is gone (kill -9,
+    OOM killer), instead of encoding on for nobody and holding its memory. A thread polls
+    the parent pid: portable, and the GIL is released often enough by the decoders."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def run_jobs(out: Path, plan: Plan, todo: list[int], workers: int, progress) -> dict[int, dict]:
     plan_meta = {"split": plan.split, "settings": plan.settings, "corpus": plan.corpus, "fingerprint": plan.fingerprint}
     records: dict[int, dict] = {}
@@ -260,7 +408,8 @@ def run_jobs(out: Path, plan: Plan, todo: list[int], workers: int, progress) -> 
             progress.update(len(plan.shards[i]))
         return records
     # spawn, not fork: the parent may hold threads (tqdm, decoders) that fork would copy locked.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    pool_args = {"mp_context": get_context("spawn"), "initializer": exit_with_parent, "initargs": (os.getpid(),)}
+    with ProcessPoolExecutor(max_workers=workers, **pool_args) as pool:
         pending = {pool.submit(build_shard, out, plan_meta, i, plan.shards[i]): i for i in todo}
         try:
             while pending:
@@ -313,13 +462,32 @@ def _reason_kind(reason: str) -> str:
     return reason.split(" (")[0]
 
 
-def write_index(out: Path, split: str, entry: dict, rejects: list[dict]) -> None:
+def remove_leftovers(out: Path, split: str, shards: Optional[range]) -> int:
+    """Delete temporary files of killed writers: the tars of ``shards`` (all of the split's
+    when None; never those of a concurrent job array task's range) and their records."""
+    removed = 0
+    for tmp in list(out.glob(f".{split}-*.tar.*.tmp")) + list((out / ".parts").glob(f".{split}-*.json.*.tmp")):
+        number = tmp.name[len(split) + 2 :].split(".", 1)[0]
+        if shards is None or (number.isdigit() and int(number) in shards):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def write_index(out: Path, split: str, entry: Optional[dict], rejects: list[dict]) -> None:
+    """Record one split in ``index.json`` (``entry`` None removes it: a failed build) and its
+    rejects in ``rejects.jsonl``, beside other splits' entries, under the folder lock."""
     with folder_lock(out):
         index_path = out / "index.json"
         index = json.loads(index_path.read_text("utf-8")) if index_path.is_file() else {}
         index.setdefault("format", "fla_ds.shards")
-        index.setdefault("splits", {})[split] = entry
+        if entry is not None:
+            index.setdefault("splits", {})[split] = entry
+        else:
+            index.setdefault("splits", {}).pop(split, None)
         atomic_write_json(index_path, index)
+        for tmp in list(out.glob(".index.json.*.tmp")) + list(out.glob(".rejects.jsonl.*.tmp")):
+            tmp.unlink(missing_ok=True)  # killed writers' leftovers; writers hold this lock
         rejects_path = out / "rejects.jsonl"
         others = []
         if rejects_path.is_file():
@@ -327,6 +495,10 @@ def write_index(out: Path, split: str, entry: dict, rejects: list[dict]) -> None
             others = [r for r in others if r.get("split") != split]
         lines = [json.dumps(r, ensure_ascii=False, sort_keys=True) for r in others + rejects]
         atomic_write_text(rejects_path, "".join(line + "\n" for line in lines))
+
+
+def _reasons(entry: dict) -> str:
+    return ", ".join(f"{n} {r}" for r, n in entry["rejects_by_reason"].items()) or "none"
 
 
 @dataclass
@@ -345,7 +517,7 @@ class BuildSummary:
             out.append("partial build (shards.first_shard/num_shards): run once more without a range to write the index")
         else:
             ix = self.index
-            reasons = ", ".join(f"{n} {r}" for r, n in ix["rejects_by_reason"].items()) or "none"
+            reasons = _reasons(ix)
             fixes = ", ".join(f"{n} {r}" for r, n in ix["repaired"].items()) or "none"
             out.append(f"kept {ix['samples']} samples ({ix['frames']} frames, {ix['bytes'] / 1e6:.1f} MB), rejected {ix['rejected']} ({reasons}), repaired {fixes}")
         rate = self.frames_built / self.seconds if self.seconds > 0 else 0.0
@@ -364,6 +536,7 @@ def build_shards(cfg, progress_bar: bool = True) -> BuildSummary:
     plan = make_plan(cfg)
     check_plan_matches(out, plan)
     selected = selected_shards(cfg, len(plan.shards))
+    remove_leftovers(out, plan.split, selected)
     records = {i: rec for i in selected if (rec := shard_is_done(out, plan, i)) is not None}
     todo = [i for i in selected if i not in records]
     total = sum(len(plan.shards[i]) for i in todo)
@@ -374,6 +547,10 @@ def build_shards(cfg, progress_bar: bool = True) -> BuildSummary:
     index = None
     if not is_partial(cfg):
         entry, rejects = split_index(plan, [records[i] for i in range(len(plan.shards))])
+        remove_leftovers(out, plan.split, None)
+        if entry["samples"] == 0:  # nothing to train on: the build failed, say why
+            write_index(out, plan.split, None, rejects)
+            raise BuildError(f"split {plan.split}: no sample kept of {entry['rejected']} ({_reasons(entry)}); see {out / 'rejects.jsonl'}")
         write_index(out, plan.split, entry, rejects)
         save_resolved(cfg, out, f"config.{plan.split}.yaml")
         index = entry

@@ -36,7 +36,7 @@ def real_frames(count: int, width: int, height: int) -> list[np.ndarray]:
     """Frames of real signing video (tests/fixtures or ../shared/data), resized; looped to ``count``."""
     import av
 
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]  # the repository root
     candidates = [here / "tests" / "fixtures", here.parent / "shared" / "data"]
     videos = sorted(p for base in candidates for g in REAL_VIDEO_GLOBS for p in base.glob(g))
     if not videos:
@@ -213,89 +213,3 @@ def run_data(cfg) -> int:
     finally:
         if not b.out:
             shutil.rmtree(scratch, ignore_errors=True)
-
-
-def stage2_step_times(cfg, step_dir: Path, shards: Path, features: Path, steps: int) -> tuple[float, float]:
-    """Seconds per stage-2 training step (forward, backward, optimizer) on the same model,
-    reading the feature cache vs running the frozen encoder on video, in one process."""
-    import torch
-    from omegaconf import OmegaConf
-
-    from fla_ds.stage2 import build_backend, language_model_path, load_frozen_encoder
-    from fla_ds.stream import ShardStream
-
-    encoder, enc_cfg = load_frozen_encoder(step_dir, torch.float32)
-    model = build_backend(cfg, language_model_path(cfg), enc_cfg.visual.out_dim, torch.float32).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    base = {"split": "train", "train": True, "num_workers": 1}
-
-    def timed_steps(source: Path) -> float:
-        stream = ShardStream(OmegaConf.merge(cfg.stream, base, {"shards": str(source)}), 0, 1)
-        batches = iter(stream)
-        next_batch = lambda: next(batches)
-        run_step(model, optimizer, encoder, enc_cfg, next_batch())  # warm-up
-        start = time.perf_counter()
-        for _ in range(steps):
-            run_step(model, optimizer, encoder, enc_cfg, next_batch())
-        return (time.perf_counter() - start) / steps
-
-    return timed_steps(features), timed_steps(shards)
-
-
-def run_step(model, optimizer, encoder, enc_cfg, batch: dict) -> None:
-    """One training step; the batch's kind (features or video) decides whether the encoder runs."""
-    import torch
-
-    from fla_ds.stage2 import batch_features
-
-    feats, mask = batch_features(batch, encoder, enc_cfg.stream.crop_size, torch.float32)
-    loss_sum, n_tokens = model(feats, mask, batch["text"])
-    (loss_sum / n_tokens).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def run_stage2(cfg) -> int:
-    from fla_ds.checkpoint import resolve_step_dir
-
-    out = Path(cfg.demo.out)
-    needed = [out / "stage1", out / "shards" / "index.json", out / "features" / "index.json"]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        print(f"bench stage2: run the demo first (make demo); missing: {', '.join(missing)}")
-        return 2
-    step_dir = resolve_step_dir(out / "stage1")
-    steps = cfg.bench.clips // cfg.stream.batch_size or 3
-    print(f"bench stage2: demo configuration (batch {cfg.stream.batch_size}, SmolLM2-135M QLoRA={cfg.stage2.qlora}), {steps} steps each, one process")
-    cached, live = stage2_step_times(cfg, step_dir, out / "shards", out / "features", steps)
-    print(f"  step from the feature cache:        {cached:7.2f} s")
-    print(f"  step with the frozen encoder live:  {live:7.2f} s")
-    print(f"  ratio on-the-fly / cache: {live / cached:.2f}   (goal >= 2)")
-    paper = paper_encoder_seconds(cfg.stream.batch_size)
-    print(f"  frozen encoder alone at the paper's input (ResNet-18 out_dim 1024, {cfg.stream.batch_size} clips x 29 frames x 224x224): {paper:.2f} s")
-    print(f"  ratio at that input, (cache step + encoder) / cache step: {(cached + paper) / cached:.2f}")
-    return 0
-
-
-def paper_encoder_seconds(batch: int, frames: int = 29, repeats: int = 2) -> float:
-    """No-grad forward of a (randomly initialised) stage-1 encoder at 224x224: what a step
-    without the cache pays on top at the paper's resolution."""
-    import torch
-
-    from fla_ds.model import VisualEncoder
-
-    encoder = VisualEncoder(out_dim=1024).eval()
-    video = torch.randn(batch, frames, 3, 224, 224)
-    mask = torch.ones(batch, frames, dtype=torch.bool)
-    with torch.no_grad():
-        encoder(video[:1], mask[:1])
-        seconds, _ = timed(lambda: [encoder(video, mask) for _ in range(repeats)])
-    return seconds / repeats
-
-
-def run(what: str, cfg) -> int:
-    if what == "data":
-        return run_data(cfg)
-    if what == "stage2":
-        return run_stage2(cfg)
-    raise ValueError(f"unknown benchmark '{what}'")

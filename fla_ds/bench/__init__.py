@@ -1,0 +1,27 @@
+"""``fla-ds bench WHAT``: benchmarks that print figures and ratios against a baseline measured
+in the same run (docs/benchmarks.md keeps the figures with their commands).
+
+    fla-ds bench data      the data path: shard build, loader, decode baselines
+    fla-ds bench ingest    video ingest: seeking on long raw videos, build memory vs stored bytes
+    fla-ds bench stage2    stage-2 step from the feature cache vs the encoder on the fly
+"""
+from __future__ import annotations
+
+BENCHES = ("data", "ingest", "stage2")
+
+
+def run(what: str, cfg) -> int:
+    """Run one benchmark; returns the process exit code."""
+    if what == "data":
+        from fla_ds.bench.data import run_data
+
+        return run_data(cfg)
+    if what == "ingest":
+        from fla_ds.bench.ingest import run_ingest
+
+        return run_ingest(cfg)
+    if what == "stage2":
+        from fla_ds.bench.stage2 import run_stage2
+
+        return run_stage2(cfg)
+    raise ValueError(f"unknown benchmark '{what}' (valid: {', '.join(BENCHES)})")

@@ -1,0 +1,158 @@
+"""``fla-ds bench ingest``: what reading real-world video costs the shard builder.
+
+1. Seeking on a long raw video (How2Sign's layout: minutes of video, sentences cut out by
+   time). A ``bench.raw_seconds`` h264 video at 1280x720, 24 fps, a keyframe every
+   ``bench.raw_keyint_s`` seconds, made from real signing frames; 3-second cuts at its start,
+   middle and end. For each cut: frames decoded per frame kept and seconds, reached by
+   seeking (the reader's way) vs decoding from the start (the baseline), and the goal: at
+   most 2x the frames kept plus one keyframe interval.
+2. Memory of a build. One ``bench.hd_seconds`` 1280x720 clip built into a shard by one
+   process: the peak resident memory above the interpreter's (a process that loads the same
+   libraries and builds a one-frame clip) vs the stored bytes of the sample; the previous
+   reader (every frame decoded at full size, then resized) measured the same way. Goal:
+   under 4x the stored sample plus the interpreter.
+Each measurement of memory runs in a child process that reports its own peak (VmHWM).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fla_ds.bench.data import real_frames
+
+RAW_SIZE = (1280, 720)
+CUT_SECONDS = 3.0
+
+
+def write_h264(path: Path, frames: list[np.ndarray], count: int, rate: int, keyint: int) -> Path:
+    """``count`` frames (the pool looped) as h264 with a keyframe every ``keyint`` frames."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        stream.options = {"crf": "23", "preset": "ultrafast", "g": str(keyint), "keyint_min": str(keyint), "sc_threshold": "0"}
+        for i in range(count):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frames[i % len(frames)], format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def measure_cut(path: Path, start: float, seek: bool) -> tuple[int, int, float]:
+    """(frames kept, frames decoded, seconds) for one cut at the stored size short side 256."""
+    from fla_ds.video import Cut, ReadStats, read_cuts
+
+    stats = ReadStats()
+    began = time.perf_counter()
+    kept = sum(1 for e in read_cuts(path, [Cut(start, start + CUT_SECONDS)], 256, stats, seek=seek) if e.frame is not None)
+    return kept, stats.frames_decoded, time.perf_counter() - began
+
+
+def bench_seeking(root: Path, cfg) -> bool:
+    b = cfg.bench
+    rate = 24
+    keyint = max(1, round(b.raw_keyint_s * rate))
+    pool = real_frames(48, *RAW_SIZE)
+    print(f"  making a {b.raw_seconds:.0f} s raw video (1280x720, {rate} fps, keyframe every {b.raw_keyint_s:g} s) ...", flush=True)
+    raw = write_h264(root / "raw.mp4", pool, int(b.raw_seconds * rate), rate, keyint)
+    starts = [1.0, b.raw_seconds / 2, b.raw_seconds - CUT_SECONDS - 1.0]
+    measure_cut(raw, starts[0], seek=True)  # warm-up: codec and scaler set-up, page cache
+    met = True
+    print(f"  {'cut':>16}  {'kept':>5}  {'decoded (seek)':>14}  {'decoded/kept':>12}  {'seek s':>7}  {'from start s':>12}  {'ratio':>6}  goal")
+    for start in starts:
+        kept, decoded, seek_s = measure_cut(raw, start, seek=True)
+        kept_b, decoded_b, start_s = measure_cut(raw, start, seek=False)
+        if kept != kept_b:
+            print(f"  MISMATCH: {kept} frames kept with seeking, {kept_b} from the start")
+            met = False
+        ok = decoded <= 2 * kept + keyint
+        met &= ok
+        cut = f"[{start:.0f}, {start + CUT_SECONDS:.0f}) s"
+        print(f"  {cut:>16}  {kept:>5}  {decoded:>14}  {decoded / kept:>12.2f}  {seek_s:>7.2f}  {start_s:>12.2f}  {start_s / seek_s:>6.1f}  "
+              f"{'met' if ok else 'NOT met'} (<= 2 x {kept} + {keyint})")
+        print(f"  {'':>16}  baseline decoded {decoded_b} frames from the start")
+    return met
+
+
+CHILD = r"""
+import json, os, resource, sys
+from collections import Counter
+mode, path, short_side = sys.argv[1], sys.argv[2], int(sys.argv[3])
+from fla_ds.corpus.base import VideoFile
+from fla_ds.frames import encode_source, encode_jpeg, pack_frames, resized_size
+stored = 0
+if mode == "reader":
+    clip = encode_source(VideoFile(path), short_side, 90)
+    stored = len(clip.pack)
+elif mode == "previous":  # every frame decoded at full size first, then resized
+    import av
+    from PIL import Image
+    with av.open(path) as c:
+        images = [f.to_image() for f in c.decode(c.streams.video[0])]
+    size = resized_size(images[0].width, images[0].height, short_side)
+    stored = len(pack_frames([encode_jpeg(im.resize(size, Image.Resampling.BILINEAR), 90) for im in images]))
+else:  # the interpreter with the same libraries, one tiny clip
+    import av, PIL.Image, numpy
+    clip = encode_source(VideoFile(path), short_side, 90)
+def peak_mb():  # VmHWM: this process image's own peak (ru_maxrss would include the parent's at fork)
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"stored": stored, "peak_mb": peak_mb()}))
+"""
+
+
+def child_peak(mode: str, path: Path, short_side: int) -> tuple[float, int]:
+    """(peak resident MB, stored bytes) of one child process, as the child reports them."""
+    done = subprocess.run([sys.executable, "-c", CHILD, mode, str(path), str(short_side)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench child '{mode}' failed: {done.stderr.strip().splitlines()[-1:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["peak_mb"], result["stored"]
+
+
+def bench_memory(root: Path, cfg) -> bool:
+    b = cfg.bench
+    pool = real_frames(48, *RAW_SIZE)
+    clip = write_h264(root / "hd.mp4", pool, int(b.hd_seconds * 24), 24, 48)
+    tiny = write_h264(root / "tiny.mp4", pool[:1], 1, 24, 48)
+    base_mb, _ = child_peak("interpreter", tiny, 256)
+    peak_mb, stored = child_peak("reader", clip, 256)
+    old_mb, old_stored = child_peak("previous", clip, 256)
+    stored_mb = stored / 2**20
+    above = peak_mb - base_mb
+    met = above < 4 * stored_mb
+    print(f"  720p clip of {b.hd_seconds:.0f} s ({int(b.hd_seconds * 24)} frames), stored {stored_mb:.2f} MB (short side 256, JPEG q90)")
+    print(f"  interpreter with the libraries: {base_mb:8.1f} MB peak")
+    print(f"  build with the reader:          {peak_mb:8.1f} MB peak, {above:7.1f} MB above the interpreter = {above / stored_mb:5.2f}x the stored sample "
+          f"({'met' if met else 'NOT met'}: goal < 4x)")
+    print(f"  previous reader (decode all, then resize): {old_mb:8.1f} MB peak, {old_mb - base_mb:7.1f} MB above = {(old_mb - base_mb) / (old_stored / 2**20):5.1f}x")
+    return met
+
+
+def run_ingest(cfg) -> int:
+    """Prints the figures; exit code 0 when both goals are met, 1 otherwise."""
+    scratch = Path(cfg.bench.out) if cfg.bench.out else Path(tempfile.mkdtemp(prefix="fla-ds-ingest-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        print("bench ingest: seeking on a long raw video")
+        seeking = bench_seeking(scratch, cfg)
+        print("bench ingest: memory of a 720p build")
+        memory = bench_memory(scratch, cfg)
+        return 0 if seeking and memory else 1
+    finally:
+        if not cfg.bench.out:
+            shutil.rmtree(scratch, ignore_errors=True)
