@@ -54,6 +54,9 @@ def cmd_shards_build(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_verify(args: argparse.Namespace) -> int:
+    """Every problem one line (``PROBLEM ...``, naming index, shard and member), then a
+    summary; exit 1 on any problem (a split with no samples included), 0 when the loader
+    can read every split. Reads nothing outside DIR."""
     from fla_ds.shards.verify import verify_folder
 
     checked, problems = verify_folder(args.dir, decode=args.decode)
@@ -253,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_translate)
 
     p = sub.add_parser("bench", help="benchmarks that print figures and ratios against a baseline")
-    p.add_argument("what", choices=["data", "stage2"])
+    p.add_argument("what", choices=["data", "ingest", "stage2"])
     _common(p)
     p.set_defaults(func=cmd_bench)
 
@@ -268,8 +271,9 @@ def _known_errors() -> tuple[type, ...]:
     from fla_ds.corpus.base import CorpusError
     from fla_ds.shards.build import BuildError
     from fla_ds.shards.format import ShardFormatError
+    from fla_ds.shards.index import IndexFormatError
 
-    return (ConfigError, UsageError, CorpusError, BuildError, ShardFormatError)
+    return (ConfigError, UsageError, CorpusError, BuildError, ShardFormatError, IndexFormatError)
 
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:

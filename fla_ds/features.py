@@ -45,7 +45,7 @@ from fla_ds.corpus.base import canonical_split, sha256_file
 from fla_ds.distributed import device
 from fla_ds.model import VisualEncoder
 from fla_ds.shards.build import folder_lock
-from fla_ds.shards.index import load_index
+from fla_ds.shards.index import load_index, read_index
 from fla_ds.shards.format import FEATURE_DTYPE, ShardWriter
 from fla_ds.stream import ShardStream
 
@@ -205,7 +205,7 @@ def check_out_folder(out: Path, shards: Path) -> None:
     """Refuse to write over video shards; every rank checks before any collective, so that
     none is left waiting at a barrier for one that refused."""
     index = out / "index.json"
-    if out.resolve() == shards.resolve() or (index.is_file() and json.loads(index.read_text("utf-8")).get("kind") != "features"):
+    if out.resolve() == shards.resolve() or (os.path.lexists(index) and read_index(out).get("kind") != "features"):
         raise FeatureError(f"{out} holds video shards; write the feature cache to its own folder")
 
 
@@ -213,7 +213,7 @@ def update_index(out: Path, split: str, entry: Optional[dict]) -> None:
     """Set (or with None remove) one split's entry; other splits stay as they are."""
     with folder_lock(out):
         path = out / "index.json"
-        index = json.loads(path.read_text("utf-8")) if path.is_file() else {"format": "fla_ds.shards", "kind": "features", "splits": {}}
+        index = read_index(out) if os.path.lexists(path) else {"format": "fla_ds.shards", "kind": "features", "splits": {}}
         if index.get("kind") != "features":
             raise FeatureError(f"{path} indexes video shards; write the feature cache to its own folder")
         if entry is None:

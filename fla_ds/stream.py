@@ -29,7 +29,6 @@ view, ``pick_view(seed, epoch, clip)``, and evaluation always reads view 0.
 """
 from __future__ import annotations
 
-import io
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -38,12 +37,11 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fla_ds.augment import collate_clips, eval_crop, sample_frame_indices, train_crop
 from fla_ds.shards.index import load_index
-from fla_ds.shards.format import ShardFormatError, iter_raw_samples, parse_feature_sample, parse_sample
+from fla_ds.shards.format import iter_raw_samples, parse_feature_sample, parse_sample, read_frame
 
 Ref = tuple[int, int]  # (shard number in the index, sample position in that shard)
 
@@ -149,21 +147,13 @@ class ShardSet:
 
     @classmethod
     def from_index(cls, folder: str, split: str) -> "ShardSet":
+        """The split as ``load_index`` checked it: kind, views laid out alike (clips are found
+        by (shard, position) in every view), shard files inside the folder, regular and of
+        the indexed size. Raises IndexFormatError (one line; a split with no samples too)."""
         index = load_index(folder, split)
-        kind, views = index.get("kind", "video"), int(index.get("views", 1))
-        if kind not in ("video", "features"):
-            raise ShardFormatError(f"{folder}/index.json: split '{split}' has kind '{kind}', not video or features")
-        entries: list[list[dict]] = [[] for _ in range(views)]
-        for s in index["shards"]:
-            view = int(s.get("view", 0))
-            if not 0 <= view < views:
-                raise ShardFormatError(f"{folder}/index.json: shard {s['name']} has view {view} of a split with {views}")
-            entries[view].append(s)
-        counts = [tuple(s["samples"] for s in view) for view in entries]
-        if any(c != counts[0] for c in counts):  # clips are found by (shard, position) in every view
-            raise ShardFormatError(f"{folder}/index.json: the views of split '{split}' are not laid out alike")
+        entries = [[s for s in index["shards"] if s.get("view", 0) == view] for view in range(index["views"])]
         paths = tuple(tuple(str(Path(folder) / s["name"]) for s in view) for view in entries)
-        return cls(kind, paths, counts[0], index["plan_fingerprint"])
+        return cls(index["kind"], paths, tuple(s["samples"] for s in entries[0]), index["plan_fingerprint"])
 
     @property
     def payload(self) -> str:
@@ -210,7 +200,7 @@ class _EpochDataset(IterableDataset):
         shard = self.shards.views[0][ref[0]]
         meta, pack = parse_sample(shard, raw)
         rng = random.Random(f"fla_ds-sample:{self.cfg.seed}:{self.epoch}:{ref[0]}:{ref[1]}")
-        clip, affine = clip_from_pack(meta, pack, self.cfg, rng, self.augment)
+        clip, affine = clip_from_pack(meta, pack, self.cfg, rng, self.augment, where=f"{shard}: member '{raw['__key__']}.frames'")
         return {"video": clip, "affine": affine, "id": meta["id"], "text": meta["text"], "num_frames": len(pack), "key": raw["__key__"]}
 
     def _collate(self, step: int, items: list[tuple[dict, bool]]) -> dict:
@@ -230,10 +220,12 @@ class _EpochDataset(IterableDataset):
         return {"video": video, "video_mask": mask, "affine": affine, **common}
 
 
-def clip_from_pack(meta: dict, pack, cfg, rng: random.Random, augment: bool) -> tuple[np.ndarray, Optional[list]]:
+def clip_from_pack(meta: dict, pack, cfg, rng: random.Random, augment: bool, where: str = "clip") -> tuple[np.ndarray, Optional[list]]:
     """One clip as the model's loader sees it: T/4 frames sampled, decoded and cropped
     (uint8 (T, S, S, 3)), and the training warp's matrix (None in evaluation). Also used by
-    ``fla-ds translate`` so that inference preprocesses exactly like evaluation."""
+    ``fla-ds translate`` so that inference preprocesses exactly like evaluation. Each JPEG's
+    size is checked against ``meta`` (width, height) before it is decoded; raises
+    ShardFormatError naming ``where`` and the frame otherwise."""
     indices = sample_frame_indices(len(pack), rng, cfg.keep_ratio, cfg.stride_jitter, cfg.max_frames, augment)
     affine = None
     if augment:
@@ -243,10 +235,7 @@ def clip_from_pack(meta: dict, pack, cfg, rng: random.Random, augment: bool) -> 
     side = box[2] - box[0]
     clip = np.empty((len(indices), side, side, 3), dtype=np.uint8)
     for t, i in enumerate(indices):
-        with Image.open(io.BytesIO(pack.jpeg(i))) as im:
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            clip[t] = np.asarray(im.crop(box))
+        clip[t] = read_frame(pack, i, meta, where, box)
     return clip, affine
 
 
@@ -288,11 +277,10 @@ class _RunReader:
         for ref in self.pending[self.cursor : end]:
             by_view.setdefault(self.view_of(ref), set()).add(ref[1])
         for view, wanted in sorted(by_view.items()):
-            path = self.shards.views[view][shard]
-            for raw in iter_raw_samples(path, wanted, self.shards.payload):
+            # The index's count goes along: a run that reaches the shard's last sample reads to
+            # the end of the tar, so extra or missing samples are refused, not ignored.
+            for raw in iter_raw_samples(self.shards.views[view][shard], wanted, self.shards.payload, samples=self.shards.counts[shard]):
                 self.cache[(shard, raw["__pos__"])] = raw
-            if any((shard, pos) not in self.cache for pos in wanted):
-                raise ShardFormatError(f"{path}: has fewer samples than its index entry says")
         self.cursor = end
 
 
@@ -306,6 +294,10 @@ class ShardStream:
     ``stream.set_epoch(e)`` then ``for batch in stream``; checkpoint ``stream.state_dict()``.
     ``augment`` (default ``cfg.train``) decouples the random augmentation of video from the
     training plan: the feature extractor plans as evaluation (every clip once) but augments.
+
+    Index and shards are untrusted input: a missing, malformed or inconsistent index, or a
+    split with no samples, raises IndexFormatError here (fla_ds.shards.index); a hostile or
+    damaged shard raises ShardFormatError when read (fla_ds.shards.format). Both are one line.
     """
 
     def __init__(self, cfg, rank: int = 0, world_size: int = 1, shuffle: Optional[bool] = None, limit: int = 0,

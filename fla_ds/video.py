@@ -173,9 +173,12 @@ class Geometry:
         scale = (out_h, out_w) if orientation.transpose else (out_w, out_h)
         return cls(scale[0], scale[1], orientation)
 
-    def render(self, frame) -> np.ndarray:
-        """A decoded frame -> displayed RGB uint8 (H, W, 3) at the clip's stored size."""
-        rgb = frame.reformat(self.scale_width, self.scale_height, "rgb24", interpolation="BILINEAR").to_ndarray()
+    def render(self, frame, reformatter) -> np.ndarray:
+        """A decoded frame -> displayed RGB uint8 (H, W, 3) at the clip's stored size;
+        ``reformatter`` (av.video.reformatter.VideoReformatter) is reused across frames (a new
+        swscale context per frame costs more than the scaling)."""
+        scaled = reformatter.reformat(frame, self.scale_width, self.scale_height, "rgb24", interpolation="BILINEAR")
+        rgb = scaled.to_ndarray()
         return rgb if self.orientation.is_identity else self.orientation.apply(rgb)
 
 
@@ -270,7 +273,7 @@ class VideoSource:
             raise
         for other in self.container.streams:
             if other.index != self.stream.index:
-                other.discard = "all"  # never demux what is not shown
+                other.discard = av.stream.Discard.all  # never demux what is not shown
         self.short_side, self.seek = short_side, seek
         self.stats = stats if stats is not None else ReadStats()
         self.time_base = self.stream.time_base or Fraction(1, 1)
@@ -279,6 +282,7 @@ class VideoSource:
         self.frame_period = float(1 / rate) if rate else 0.04
         self.missing_from = self._first_missing_time()
         self.geometry: Optional[Geometry] = None
+        self.reformatter = av.video.reformatter.VideoReformatter()
         self.first_size: Optional[tuple[int, int]] = None
         self.keyframe_interval = 0.0  # the longest seen between decoded keyframes
         self.moved = False  # whether anything was decoded or sought since opening
@@ -322,7 +326,7 @@ class VideoSource:
         elif (frame.width, frame.height) != self.first_size:
             self.repaired["frame_size_mixed"] = 1  # once per clip, like every repair
         try:
-            return self.geometry.render(frame)
+            return self.geometry.render(frame, self.reformatter)
         except av_errors() as exc:
             raise SampleError(f"undecodable video ({type(exc).__name__} converting a frame)") from None
 

@@ -22,18 +22,15 @@ import hashlib
 import json
 import logging
 import os
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
-from webdataset import gopen
-from webdataset.tariterators import tar_file_iterator
 
 from fla_ds.atomic import atomic_write_text
 from fla_ds.shards.index import load_index
-from fla_ds.shards.format import MEMBER_SUFFIXES, ShardFormatError
+from fla_ds.shards.format import ShardFormatError, iter_raw_samples
 
 VOCAB_VERSION = 1
 SPECIALS = ("pad", "bos", "eos", "unk")
@@ -224,30 +221,20 @@ def round_trip_report(vocab: TrimmedVocab, texts: Sequence[str]) -> dict:
     return {"texts": len(texts), "exact": len(texts) - len(failures), "failures": failures[:MAX_FAILURES_KEPT]}
 
 
-def iter_shard_texts(shard: str) -> Iterator[str]:
-    """Texts of one shard in tar order, from the .json members alone. A member fla_ds does
-    not write (.pyd, .pickle, ...) refuses the shard, as the loader does."""
-
-    def json_only(fname: str) -> bool:
-        key, _, suffix = fname.partition(".")
-        if not key or suffix not in MEMBER_SUFFIXES:
-            raise ShardFormatError(f"{shard}: member '{fname}' is not one fla_ds writes; refusing the shard")
-        return suffix == "json"  # frame packs are skipped without being read into memory
-
-    stream = gopen(shard, "rb")
-    try:
-        for member in tar_file_iterator(stream, select_files=json_only):
-            yield parse_text(shard, member["fname"], member["data"])
-    except tarfile.TarError as exc:
-        raise ShardFormatError(f"{shard}: damaged tar ({exc})") from None
-    finally:
-        stream.close()
+def iter_shard_texts(shard: str, payload: str = "frames", samples: Optional[int] = None) -> Iterator[str]:
+    """Texts of one shard in tar order, from the .json members alone, read by the loader's
+    reader (fla_ds.shards.format.iter_raw_samples) with its rules: a member fla_ds does not
+    write (.pyd, .pickle, a link, ...) refuses the shard, payloads are checked but skipped
+    unread, and with ``samples`` (the index's count) the tar must hold exactly that many.
+    Raises ShardFormatError."""
+    for raw in iter_raw_samples(shard, payload=payload, samples=samples, read_payload=False):
+        yield parse_text(shard, f"{raw['__key__']}.json", raw["json"])
 
 
 def parse_text(shard: str, fname: str, data: bytes) -> str:
     try:
         meta = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ShardFormatError(f"{shard}: member '{fname}' is not UTF-8 JSON ({exc})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("text"), str):
         raise ShardFormatError(f"{shard}: member '{fname}' has no text")
@@ -255,11 +242,14 @@ def parse_text(shard: str, fname: str, data: bytes) -> str:
 
 
 def shard_texts(shards_dir: str | os.PathLike, split: str = "train") -> tuple[list[str], dict]:
-    """Every text of a split, in index order, and a record of which shards they came from."""
+    """Every text of a split, in index order, and a record of which shards they came from.
+    Raises IndexFormatError (index missing, malformed, inconsistent, or a split with no
+    samples) and ShardFormatError (a hostile or damaged shard)."""
     entry = load_index(shards_dir, split)
+    payload = "features" if entry["kind"] == "features" else "frames"
     texts = []
     for shard in entry["shards"]:
-        texts.extend(iter_shard_texts(str(Path(shards_dir) / shard["name"])))
+        texts.extend(iter_shard_texts(str(Path(shards_dir) / shard["name"]), payload, shard["samples"]))
     fingerprint = hashlib.sha256("".join(s["sha256"] for s in entry["shards"]).encode()).hexdigest()
     return texts, {"dir": str(shards_dir), "split": entry["split"], "samples": len(texts), "sha256": fingerprint}
 

@@ -35,6 +35,7 @@ from fla_ds.corpus import open_corpus
 from fla_ds.corpus.base import CorpusSample, VideoFile, canonical_split, clean_text, safe_key, sha256_file
 from fla_ds.frames import ClipEncoder, EncodedClip, SampleError, encode_source
 from fla_ds.shards.format import ShardWriter
+from fla_ds.shards.index import read_index
 from fla_ds.video import Cut, read_cuts
 
 BUILDER_VERSION = 2
@@ -479,7 +480,7 @@ def write_index(out: Path, split: str, entry: Optional[dict], rejects: list[dict
     rejects in ``rejects.jsonl``, beside other splits' entries, under the folder lock."""
     with folder_lock(out):
         index_path = out / "index.json"
-        index = json.loads(index_path.read_text("utf-8")) if index_path.is_file() else {}
+        index = read_index(out) if index_path.exists() else {}  # checked like any index
         index.setdefault("format", "fla_ds.shards")
         if entry is not None:
             index.setdefault("splits", {})[split] = entry

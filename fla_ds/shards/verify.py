@@ -1,58 +1,81 @@
-"""``fla-ds shards verify DIR``: re-read every shard against the index.
+"""``fla-ds shards verify DIR``: re-read every shard against the index, by the loader's rules.
 
-Checks, per shard: the file exists with the indexed size and sha256, every member is one
-fla_ds writes, every sample parses, and sample and frame counts match the index. With
-``decode=True`` every JPEG is decoded as well (slow, but proves the frames are readable).
+The index and every shard are checked with the same functions the loader uses
+(fla_ds.shards.index, fla_ds.shards.format), so verify says OK exactly when the loader would
+read the folder: the index's file, fields and counts; per shard, the file (inside the folder,
+regular, the indexed size), its sha256, every member, every sample parsed, and sample and
+frame counts equal to the index's. A split with no samples is a problem. With
+``decode=True`` every JPEG is decoded as well, its size checked against its json (slow, but
+proves the frames are readable). Every problem is one line naming the index or the shard
+(and member); nothing outside the folder is read.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import hashlib
+import os
 
-from fla_ds.corpus.base import sha256_file
-from fla_ds.shards.format import ShardFormatError, iter_raw_samples, parse_feature_sample, parse_sample
+from fla_ds.shards.format import ShardFormatError, iter_raw_samples, open_shard, parse_feature_sample, parse_sample, read_frame
+from fla_ds.shards.index import IndexFormatError, read_index, shard_path, split_entry
 
 
-def verify_shard(folder: Path, entry: dict, decode: bool, kind: str = "video") -> list[str]:
-    path = folder / entry["name"]
-    if not path.is_file():
-        return [f"{entry['name']}: missing"]
-    problems = []
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        problems.append(f"{entry['name']}: {size} bytes, index says {entry['bytes']}")
-    if sha256_file(path) != entry["sha256"]:
-        problems.append(f"{entry['name']}: sha256 differs from the index")
-    samples = frames = 0
+def shard_sha256(path: str) -> str:
+    """The sha256 of a shard file, read only if it is a regular file. Raises ShardFormatError."""
+    digest = hashlib.sha256()
+    with open_shard(path) as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_shard(path: str, entry: dict, shard: dict, decode: bool) -> int:
+    """Read one shard to its end as the loader does (the index's sample count enforced);
+    returns its frame count. Raises ShardFormatError."""
+    frames = 0
+    payload = "features" if entry["kind"] == "features" else "frames"
+    for raw in iter_raw_samples(path, payload=payload, samples=shard["samples"]):
+        if entry["kind"] == "features":  # parsing checks the payload's size against its shape
+            meta, _ = parse_feature_sample(path, raw)
+        else:
+            meta, pack = parse_sample(path, raw)
+            for i in range(len(pack)) if decode else ():
+                read_frame(pack, i, meta, f"{path}: member '{raw['__key__']}.frames'")
+        frames += meta["num_frames"]
+    return frames
+
+
+def verify_shard(folder: str, entry: dict, shard: dict, decode: bool) -> list[str]:
+    """Problems of one shard of a checked split entry (empty when intact), one line each."""
     try:
-        payload = "features" if kind == "features" else "frames"
-        for raw in iter_raw_samples(str(path), payload=payload):
-            if kind == "features":  # parsing checks the payload's size against its shape
-                meta, _ = parse_feature_sample(str(path), raw)
-            else:
-                meta, pack = parse_sample(str(path), raw)
-                if decode:
-                    pack.decode(range(len(pack)))
-            samples += 1
-            frames += meta["num_frames"]
-    except (ShardFormatError, OSError, ValueError) as exc:
-        return problems + [f"{entry['name']}: {exc}"]
-    if samples != entry["samples"] or frames != entry["frames"]:
-        problems.append(f"{entry['name']}: {samples} samples / {frames} frames, index says {entry['samples']} / {entry['frames']}")
+        path = shard_path(folder, shard)
+    except IndexFormatError as exc:
+        return [str(exc)]
+    problems = []
+    try:
+        if shard_sha256(path) != shard["sha256"]:
+            problems.append(f"{path}: sha256 differs from the index")
+        frames = read_shard(path, entry, shard, decode)
+    except (ShardFormatError, OSError) as exc:
+        return problems + [str(exc)]
+    if frames != shard["frames"]:
+        problems.append(f"{path}: {frames} frames, the index says {shard['frames']}")
     return problems
 
 
 def verify_folder(folder: str, decode: bool = False) -> tuple[int, list[str]]:
-    """Returns (shards checked, problems); no problems means the folder is intact."""
-    folder_path = Path(folder)
-    index_path = folder_path / "index.json"
-    if not index_path.is_file():
-        return 0, [f"{index_path}: missing"]
-    index = json.loads(index_path.read_text("utf-8"))
+    """Returns (shards checked, problems); no problems means the loader can read every split.
+    Never raises for what it finds in the folder: each problem is a line."""
+    try:
+        index = read_index(folder)
+    except IndexFormatError as exc:
+        return 0, [str(exc)]
     checked, problems = 0, []
-    for split in sorted(index.get("splits", {})):
-        kind = index["splits"][split].get("kind", index.get("kind", "video"))
-        for entry in index["splits"][split]["shards"]:
-            problems.extend(verify_shard(folder_path, entry, decode, kind))
+    for split in sorted(index["splits"]):
+        try:
+            entry = split_entry(folder, index, split)
+        except IndexFormatError as exc:
+            problems.append(str(exc))
+            continue
+        for shard in entry["shards"]:
+            problems.extend(verify_shard(os.fspath(folder), entry, shard, decode))
             checked += 1
     return checked, problems
