@@ -269,11 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _known_errors() -> tuple[type, ...]:
     from fla_ds.corpus.base import CorpusError
+    from fla_ds.frames import SampleError
     from fla_ds.shards.build import BuildError
     from fla_ds.shards.format import ShardFormatError
     from fla_ds.shards.index import IndexFormatError
 
-    return (ConfigError, UsageError, CorpusError, BuildError, ShardFormatError, IndexFormatError)
+    return (ConfigError, UsageError, CorpusError, BuildError, ShardFormatError, IndexFormatError, SampleError)
 
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """Frames in and out: a clip's frames -> the in-shard encoding, and back.
 
-Every frame source (a folder of images: fla_ds.frame_folder; a video file or a time cut of
+Every frame source (a folder of images: fla_ds.frame_folder; a video file or time cuts of
 one: fla_ds.video) is read as a stream of RGB arrays already resized to the stored size, so
 that a worker never holds more than a few decoded frames: memory is bounded by the stored
 (JPEG) size of the clip, not by its source resolution times its length.
@@ -26,6 +26,12 @@ from PIL import Image
 
 PACK_MAGIC = b"FLAJ"
 PACK_VERSION = 1
+MAX_FRAME_SIDE = 8192
+"""Largest stored frame side in pixels: what the loader accepts (stored frames are resized to
+short side 256 by default; a larger side is a corrupt or hostile shard, or a source so
+elongated that no crop of it makes sense)."""
+MAX_NUM_FRAMES = 1 << 20
+"""Most frames in one clip (11.6 hours at 25 fps)."""
 
 
 class SampleError(Exception):
@@ -134,11 +140,16 @@ class ClipEncoder:
 
     def add(self, frame: np.ndarray) -> None:
         if self.size is None:
+            height, width = frame.shape[:2]
+            if max(width, height) > MAX_FRAME_SIDE:
+                raise SampleError(f"frames too large to store ({width}x{height}; the loader reads at most {MAX_FRAME_SIDE} pixels a side)")
             self.size = frame.shape[:2]
         elif frame.shape[:2] != self.size:
             raise SampleError(f"frames of different sizes ({self.size[1]}x{self.size[0]} and {frame.shape[1]}x{frame.shape[0]})")
         if self.max_frames and len(self.jpegs) >= self.max_frames:
             raise SampleError(f"too many frames (more than shards.max_frames={self.max_frames})")
+        if len(self.jpegs) >= MAX_NUM_FRAMES:
+            raise SampleError(f"too many frames (more than {MAX_NUM_FRAMES}, the most a clip may hold)")
         self.jpegs.append(encode_jpeg(frame, self.quality))
 
     def finish(self, repaired: Counter | None = None) -> EncodedClip:
@@ -149,28 +160,22 @@ class ClipEncoder:
         return EncodedClip(pack, count, self.size[1], self.size[0], Counter(repaired or {}))
 
 
-def source_frames(source, short_side: int, repaired: Counter) -> Iterator[np.ndarray]:
-    """The frames of a corpus frame source (FrameFolder or VideoFile), resized so that the
-    short side is ``short_side``, as RGB uint8 (H, W, 3) arrays; repairs are counted into
-    ``repaired``. Raises SampleError for an unusable source."""
+def encode_source(source, short_side: int, quality: int, max_frames: int = 0) -> EncodedClip:
+    """Read, resize and encode one corpus frame source (FrameFolder or VideoFile): what a
+    shard stores and what ``translate`` feeds the model. Raises SampleError for an unusable
+    source."""
     from fla_ds.corpus.base import FrameFolder, VideoFile
 
-    if isinstance(source, FrameFolder):
-        from fla_ds.frame_folder import folder_frames
-
-        return folder_frames(source, short_side, repaired)
     if isinstance(source, VideoFile):
-        from fla_ds.video import video_frames
+        from fla_ds.video import encode_video
 
-        return video_frames(source, short_side, repaired)
-    raise TypeError(f"unknown frame source {source!r}")
+        return encode_video(source, short_side, quality, max_frames)
+    if not isinstance(source, FrameFolder):
+        raise TypeError(f"unknown frame source {source!r}")
+    from fla_ds.frame_folder import folder_frames
 
-
-def encode_source(source, short_side: int, quality: int, max_frames: int = 0) -> EncodedClip:
-    """Read, resize and encode one frame source: what a shard stores and what ``translate``
-    feeds the model."""
     repaired: Counter = Counter()
     encoder = ClipEncoder(quality, max_frames)
-    for frame in source_frames(source, short_side, repaired):
+    for frame in folder_frames(source, short_side, repaired):
         encoder.add(frame)
-    return encoder.finish(repaired)  # after the source is exhausted: its repairs are counted
+    return encoder.finish(repaired)  # after the folder is read: its repairs are counted

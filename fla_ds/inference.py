@@ -140,13 +140,16 @@ def merge_adapter(base_path: str, adapter: Path, out: Path) -> None:
 def clip_batch(paths: list[str], cfg) -> dict:
     """Videos or frame folders -> one evaluation batch, preprocessed as shards + loader do."""
     from fla_ds.corpus.base import FrameFolder, VideoFile
-    from fla_ds.frames import FramePack, encode_source
+    from fla_ds.frames import FramePack, SampleError, encode_source
     from fla_ds.stream import clip_from_pack
 
     clips = []
     for i, path in enumerate(paths):
         source = FrameFolder(path) if Path(path).is_dir() else VideoFile(path)
-        encoded = encode_source(source, cfg.shards.short_side, cfg.shards.jpeg_quality)
+        try:
+            encoded = encode_source(source, cfg.shards.short_side, cfg.shards.jpeg_quality)
+        except SampleError as exc:
+            raise SampleError(f"{path}: {exc}") from None
         pack_bytes, meta = encoded.pack, {"width": encoded.width, "height": encoded.height}
         rng = random.Random(f"fla_ds-sample:{cfg.stream.seed}:0:0:{i}")
         clip, _ = clip_from_pack(meta, FramePack(pack_bytes), cfg.stream, rng, augment=False)

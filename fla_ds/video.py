@@ -13,8 +13,9 @@ seeking, and a reusable swscale context.
 
 What a clip is, rule by rule (README "Building shards" repeats them):
 
-- **Stream.** The video stream ffmpeg picks (largest picture, then the default disposition,
-  then the lowest index), never an attached picture (cover art) nor a still-image track: when
+- **Stream.** The video stream ffmpeg picks (the largest picture, counting the default
+  stream's as 5,000,000 pixels larger; ties to the first), never an attached picture (cover
+  art) nor a still-image track: when
   a file has several video streams, those that deliver at most one packet in their first
   ``STILL_PROBE_PACKETS`` packets are stills. A file with no video stream is rejected.
 - **Orientation.** The display matrix (phones store portrait video as landscape pixels plus a
@@ -62,7 +63,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from fla_ds.corpus.base import VideoFile
-from fla_ds.frames import SampleError, resized_size
+from fla_ds.frames import ClipEncoder, EncodedClip, SampleError, resized_size
 
 EPS_S = 1e-6
 """Tolerance of cut boundaries in seconds (annotation times are decimal, timestamps rational)."""
@@ -76,6 +77,10 @@ SEEK_RETRIES = 4
 TRUNCATION_MARGIN_S = 1.0
 """A truncated file's frames are trusted up to this long before its first missing packet
 (frames shown earlier may be decoded from packets stored after it)."""
+KEYFRAME_WAIT_S = 10.0
+"""After a seek, how much video may pass without a keyframe before seeking is given up for
+the file (at least twice the longest keyframe interval seen)."""
+AVFMT_TS_DISCONT = 0x0200  # libavformat: the format allows timestamp discontinuities
 STILL_PROBE_PACKETS = 256
 """Packets demuxed from the start of a file with several video streams to find still tracks."""
 
@@ -215,9 +220,9 @@ def pick_video_stream(container):
         candidates = moving or candidates
     default = av.stream.Disposition.default
 
-    def score(s) -> tuple:
+    def score(s) -> tuple:  # ffmpeg's automatic choice (fftools, map_auto_video): ties to the first
         cc = s.codec_context
-        return ((cc.width or 0) * (cc.height or 0), bool(s.disposition & default), -s.index)
+        return ((cc.width or 0) * (cc.height or 0) + 5_000_000 * bool(s.disposition & default), -s.index)
 
     return max(candidates, key=score)
 
@@ -251,6 +256,38 @@ class ReadStats:
     seeks: int = 0
 
 
+class ClockRestart(Exception):
+    """After a seek, timestamps jumped backwards: the file's clock restarts (a concatenated
+    recording), so the seek may have aimed into the wrong part of it."""
+
+
+class NoKeyframe(Exception):
+    """No keyframe followed a seek within KEYFRAME_WAIT_S of video (intra-refresh streams
+    mark only their first frame): seeking cannot help this file."""
+
+
+class PtsGuess:
+    """libavcodec's ``guess_correct_pts`` (what ffmpeg uses as a frame's best-effort
+    timestamp): the presentation timestamp, unless this stream's presentation timestamps have
+    gone backwards more often than its decoding timestamps (a raw stream muxed without proper
+    timestamps), then the decoding timestamp."""
+
+    def __init__(self):
+        self.faulty_pts = self.faulty_dts = 0
+        self.last_pts = self.last_dts = None
+
+    def __call__(self, pts: Optional[int], dts: Optional[int]) -> Optional[int]:
+        if dts is not None:
+            self.faulty_dts += self.last_dts is not None and dts <= self.last_dts
+            self.last_dts = dts
+        if pts is not None:
+            self.faulty_pts += self.last_pts is not None and pts <= self.last_pts
+            self.last_pts = pts
+        if pts is not None and (self.faulty_pts <= self.faulty_dts or dts is None):
+            return pts
+        return dts
+
+
 class VideoSource:
     """One open video file: its chosen stream, time base and start, and frames with their
     display intervals from any point (seeking as the module docstring says).
@@ -258,11 +295,33 @@ class VideoSource:
     Raises SampleError on open: missing file, not a video, no video stream."""
 
     def __init__(self, path: str | os.PathLike, short_side: int, stats: Optional[ReadStats] = None, seek: bool = True):
-        import av
-
         self.path = Path(path)
         if not self.path.is_file():
             raise SampleError("missing video file")
+        self._open()
+        self.short_side, self.seek = short_side, seek
+        self.stats = stats if stats is not None else ReadStats()
+        self.time_base = self.stream.time_base or Fraction(1, 1)
+        self.start_pts = self.stream.start_time
+        rate = self.stream.average_rate or self.stream.guessed_rate
+        self.frame_period = float(1 / rate) if rate else 0.04
+        # MPEG-TS/PS may restart their clocks (concatenated recordings): see frames_from.
+        self.discontinuous_format = bool(self.container.format.flags & AVFMT_TS_DISCONT)
+        self.missing_from, keyframes = self._scan_index()
+        if keyframes == 1:
+            self.seek = False  # one keyframe in the whole index: every seek lands on frame 0
+        self.geometry: Optional[Geometry] = None
+        self.first_size: Optional[tuple[int, int]] = None
+        self.keyframe_interval = 0.0  # the longest seen between decoded keyframes
+        self.moved = False  # whether anything was decoded or sought since opening
+        self.sought = False  # whether the current pass began with a seek
+        self.repaired: Counter = Counter()
+
+    def _open(self) -> None:
+        """Open the file and choose its stream (again, to rewind: seeking to the start is not
+        exact in every format). Raises SampleError."""
+        import av
+
         try:
             self.container = av.open(str(self.path))
         except av.error.FFmpegError as exc:
@@ -278,19 +337,7 @@ class VideoSource:
         for other in self.container.streams:
             if other.index != self.stream.index:
                 other.discard = av.stream.Discard.all  # never demux what is not shown
-        self.short_side, self.seek = short_side, seek
-        self.stats = stats if stats is not None else ReadStats()
-        self.time_base = self.stream.time_base or Fraction(1, 1)
-        self.start_pts = self.stream.start_time
-        rate = self.stream.average_rate or self.stream.guessed_rate
-        self.frame_period = float(1 / rate) if rate else 0.04
-        self.missing_from = self._first_missing_time()
-        self.geometry: Optional[Geometry] = None
         self.reformatter = av.video.reformatter.VideoReformatter()
-        self.first_size: Optional[tuple[int, int]] = None
-        self.keyframe_interval = 0.0  # the longest seen between decoded keyframes
-        self.moved = False  # whether anything was decoded or sought since opening
-        self.repaired: Counter = Counter()
 
     def close(self) -> None:
         self.container.close()
@@ -308,24 +355,28 @@ class VideoSource:
             self.start_pts = pts
         return float((pts - self.start_pts) * self.time_base)
 
-    def _first_missing_time(self) -> Optional[float]:
-        """The time from which the file lacks the bytes its own index points to (a truncated
-        MP4), or None when the index is complete or absent."""
+    def _scan_index(self) -> tuple[Optional[float], int]:
+        """(the time from which the file lacks the bytes its own index points to, or None;
+        the number of keyframes the index lists, 0 without an index). A truncated MP4 keeps
+        its full index in front."""
         entries = self.stream.index_entries
         if not entries:
-            return None
+            return None, 0
         size = self.path.stat().st_size
-        missing = [e.timestamp for e in entries if e.pos + e.size > size]
-        if not missing:
-            return None
-        start = self.start_pts or 0
-        return float((min(missing) - start) * self.time_base)
+        missing, keyframes = None, 0
+        for e in entries:
+            keyframes += bool(e.is_keyframe)
+            if e.pos + e.size > size and (missing is None or e.timestamp < missing):
+                missing = e.timestamp
+        if missing is None:
+            return None, keyframes if len(entries) > 1 else 0
+        return float((missing - (self.start_pts or 0)) * self.time_base), keyframes
 
     # ---- frames
 
     def render(self, frame) -> np.ndarray:
         if self.geometry is None:
-            self.geometry = Geometry.of(frame, self.stream.codec_context.sample_aspect_ratio, self.short_side)
+            self.geometry = Geometry.of(frame, self.stream.sample_aspect_ratio, self.short_side)
             self.first_size = (frame.width, frame.height)
         elif (frame.width, frame.height) != self.first_size:
             self.repaired["frame_size_mixed"] = 1  # once per clip, like every repair
@@ -334,29 +385,42 @@ class VideoSource:
         except av_errors() as exc:
             raise SampleError(f"undecodable video ({type(exc).__name__} converting a frame)") from None
 
-    def _decoded(self, trust_from_keyframe: bool) -> Iterator[tuple[float, object]]:
-        """(time, frame) in presentation order from the current position; after a seek,
-        nothing before the first keyframe."""
+    def _decoded(self, after_seek: bool) -> Iterator[tuple[float, object]]:
+        """(time, frame) in the decoder's output (presentation) order from the current
+        position. Times are best-effort timestamps (PtsGuess) made continuous: where they jump
+        backwards (a recording whose clock restarts) the later frames continue after the
+        earlier ones, as ffmpeg does for such formats. After a seek, frames before the first
+        keyframe are not trusted, and a backwards jump raises ClockRestart (the seek aimed by a
+        clock that is not unique)."""
         import av
 
-        self.moved = True
-        trusted = not trust_from_keyframe
-        last_key = None
-        last_time = None
+        self.moved, self.sought = True, after_seek
+        trusted, skipped = not after_seek, 0
+        wait = max(KEYFRAME_WAIT_S / self.frame_period, 2 * self.keyframe_interval / self.frame_period)
+        guess, offset = PtsGuess(), 0.0
+        last_key = last_time = None
         try:
             for frame in self.container.decode(self.stream):
                 self.stats.frames_decoded += 1
-                if frame.pts is None:  # no timestamp (raw elementary streams): one period on
+                ts = guess(frame.pts, frame.dts)
+                if ts is None:  # no timestamp at all (raw elementary streams): one period on
                     t = (last_time + self.frame_period) if last_time is not None else 0.0
                 else:
-                    t = self.seconds(frame.pts)
+                    t = self.seconds(ts) + offset
+                if last_time is not None and t < last_time - EPS_S:
+                    if after_seek:
+                        raise ClockRestart()
+                    offset += last_time + self.frame_period - t
+                    t = last_time + self.frame_period
                 if frame.key_frame:
                     if last_key is not None:
                         self.keyframe_interval = max(self.keyframe_interval, t - last_key)
-                    last_key = t
-                    trusted = True
-                if not trusted or (last_time is not None and t <= last_time):
-                    continue  # untrusted pre-keyframe output, or a repeated timestamp
+                    last_key, trusted = t, True
+                if not trusted:
+                    skipped += 1
+                    if skipped > wait:
+                        raise NoKeyframe()
+                    continue  # open-GOP leading frames reference data before the seek
                 last_time = t
                 yield t, frame
         except av.error.FFmpegError as exc:
@@ -377,26 +441,28 @@ class VideoSource:
 
     def frames_from(self, start: float) -> Iterator[tuple[float, float, object]]:
         """Timed frames from the keyframe at or before ``start`` (seconds) on; from the first
-        frame when ``start`` is early or every seek misses."""
+        frame when ``start`` is early, seeking is off, or every seek misses."""
         if start <= SEEK_AFTER_S or not self.seek:
             return self.timed_frames(self._from_start())
         return self.timed_frames(self._seek_before(start))
 
     def _from_start(self) -> Iterator[tuple[float, object]]:
-        if self.moved:  # not at the start any more: rewind
-            self._seek_to(0.0)
-        return self._decoded(trust_from_keyframe=False)
+        if self.moved:  # rewind by reopening: a seek to the start lands late in some formats
+            self.close()
+            self._open()
+        return self._decoded(after_seek=False)
 
     def _seek_to(self, seconds: float) -> None:
         if self.start_pts is None:  # the stream's start is needed to aim: learn it first
-            next(self._decoded(trust_from_keyframe=False), None)
+            next(self._decoded(after_seek=False), None)
         self.stats.seeks += 1
         self.moved = True
         target = int(round(seconds / self.time_base)) + (self.start_pts or 0)
         self.container.seek(target, stream=self.stream, backward=True, any_frame=False)
 
     def _seek_before(self, start: float) -> Iterator[tuple[float, object]]:
-        """Seek, check that the first trusted frame is not after ``start``, else back off."""
+        """Seek, check that the first trusted frame is not after ``start``, else back off;
+        in the end (or when the file cannot seek) decode from the start."""
         import av
 
         back = 0.0
@@ -406,10 +472,13 @@ class VideoSource:
                 break
             try:
                 self._seek_to(target)
-            except av.error.FFmpegError:
+                frames = self._decoded(after_seek=True)
+                first = next(frames, None)
+            except av.error.FFmpegError:  # e.g. raw elementary streams cannot seek
                 break
-            frames = self._decoded(trust_from_keyframe=True)
-            first = next(frames, None)
+            except NoKeyframe:
+                self.seek = False
+                break
             if first is not None and first[0] <= start + EPS_S:
                 yield first
                 yield from frames
@@ -424,11 +493,14 @@ class VideoSource:
 @dataclass
 class CutEvent:
     """What ``read_cuts`` yields: a frame of cut ``index`` (``frame``: displayed RGB uint8
-    (H, W, 3)), or the end of cut ``index`` (``done``), with ``error`` set when the cut is
-    rejected and ``repaired`` counting what was adjusted."""
+    (H, W, 3)); or ``restart``: forget the frames of cut ``index`` so far, they come again (a
+    seek landed in the wrong part of a file whose clock restarts); or the end of cut ``index``
+    (``done``), with ``error`` set when the cut is rejected and ``repaired`` counting what was
+    adjusted."""
 
     index: int
     frame: Optional[np.ndarray] = None
+    restart: bool = False
     done: bool = False
     error: Optional[SampleError] = None
     repaired: Counter = field(default_factory=Counter)
@@ -471,7 +543,13 @@ class CutPass:
                 if not self.active and self.should_restart():
                     self.sought_for = self.pending[0]
                     self.frames = self.source.frames_from(self.cuts[self.sought_for].begin)
-                item = next(self.frames, None)
+                try:
+                    item = next(self.frames, None)
+                except ClockRestart:
+                    yield from self.restart_from_start()
+                    continue
+                if item is None and self.recheck_from_start():
+                    continue
                 if item is None:  # the video ended: close every cut still open
                     for i in self.active + self.pending:
                         yield self.finish(i, ran_out=True)
@@ -480,6 +558,33 @@ class CutPass:
         except SampleError as exc:
             for i in self.active + self.pending:
                 yield CutEvent(i, done=True, error=exc)
+
+    def restart_from_start(self) -> Iterator[CutEvent]:
+        """Read every open cut again from the start of the file, without seeking: the file's
+        clock restarts, so only a pass from its start gives each frame its time."""
+        for i in self.active:
+            if self.counts[i]:
+                self.counts[i] = 0
+                yield CutEvent(i, restart=True)
+        self.source.seek = False
+        self.pending = sorted(self.active + self.pending, key=lambda i: (self.cuts[i].begin, i))
+        self.active = []
+        self.frames = self.source.frames_from(0.0)
+
+    def recheck_from_start(self) -> bool:
+        """A pass that began with a seek ran out before cuts that got no frame, in a format
+        whose clock may restart (MPEG-TS): the end it saw may not be the file's. Read those
+        cuts once more, decoding from the start (once: seeking is off afterwards)."""
+        source = self.source
+        if not (source.sought and source.discontinuous_format and source.seek):
+            return False
+        if any(self.counts[i] for i in self.active):
+            return False
+        source.seek = False
+        self.pending = sorted(self.active + self.pending, key=lambda i: (self.cuts[i].begin, i))
+        self.active = []
+        self.frames = source.frames_from(0.0)
+        return True
 
     def refuse_missing(self) -> Iterator[CutEvent]:
         """Cuts that need the part a truncated file lacks are rejected before decoding."""
@@ -540,15 +645,43 @@ class CutPass:
         return CutEvent(index, done=True, repaired=repaired)
 
 
-def video_frames(video: VideoFile, short_side: int, repaired: Counter, stats: Optional[ReadStats] = None) -> Iterator[np.ndarray]:
-    """The frames of one video (or its [start, end) cut), displayed and resized so that the
-    short side is ``short_side``: RGB uint8 (H, W, 3), one at a time. Adjustments are counted
-    into ``repaired``. Raises SampleError (missing, unreadable, truncated, undecodable, empty
-    cut, start past the end)."""
-    for event in read_cuts(video.path, [Cut(video.start, video.end)], short_side, stats):
-        if event.frame is not None:
-            yield event.frame
-        elif event.error is not None:
-            raise event.error
+def encode_cuts(path: str | os.PathLike, cuts: Sequence[Cut], short_side: int, quality: int, max_frames: int = 0,
+                stats: Optional[ReadStats] = None) -> Iterator[tuple[int, EncodedClip | SampleError]]:
+    """Each cut of one video, read in one pass, as (cut index, its EncodedClip or the reason
+    it is rejected), in the order the cuts end (a function of the file and the cuts alone).
+    Frames are JPEG-encoded as they are decoded (fla_ds.frames.ClipEncoder)."""
+    encoders = {i: ClipEncoder(quality, max_frames) for i in range(len(cuts))}
+    failed: dict[int, SampleError] = {}
+    for event in read_cuts(path, cuts, short_side, stats):
+        i = event.index
+        if event.restart:
+            encoders[i] = ClipEncoder(quality, max_frames)
+            failed.pop(i, None)
+        elif event.frame is not None:
+            if i not in failed:
+                try:
+                    encoders[i].add(event.frame)
+                except SampleError as exc:
+                    failed[i] = exc
+                    encoders[i] = None  # its frames are no longer needed
         else:
-            repaired.update(event.repaired)
+            error = event.error or failed.get(i)
+            encoder = encoders.pop(i)
+            if error is None:
+                try:
+                    yield i, encoder.finish(event.repaired)
+                    continue
+                except SampleError as exc:
+                    error = exc
+            yield i, error
+
+
+def encode_video(video: VideoFile, short_side: int, quality: int, max_frames: int = 0) -> EncodedClip:
+    """One video (or its [start, end) cut), displayed, resized so that the short side is
+    ``short_side`` and encoded. Raises SampleError (missing, unreadable, truncated,
+    undecodable, an empty cut, a start past the end)."""
+    for _, clip in encode_cuts(video.path, [Cut(video.start, video.end)], short_side, quality, max_frames):
+        if isinstance(clip, SampleError):
+            raise clip
+        return clip
+    raise SampleError("zero frames")

@@ -322,3 +322,55 @@ def test_real_phoenix_annotations_read_completely(tmp_path, split, rows):
     frame_counts = SHARED_DATA / "phoenix14t" / f"phoenix14t.{split}.frames.tsv"
     listed = [line.split("\t")[0] for line in frame_counts.read_text("utf-8").splitlines()[1:]]
     assert sorted(s.id for s in samples) == sorted(listed)
+
+
+@pytest.mark.parametrize("value", ["1_0", "\u0663", "１", "1.5.2", "--1", "1e", "0b1"])
+def test_times_are_plain_ascii_decimals(tmp_path, value):
+    """float() also takes '1_0' (10), Arabic-Indic and full-width digits; a manifest time that
+    only Python would read is refused, naming file, line and column."""
+    path = csv_manifest(tmp_path, ["id,video,start,end,text", f"a,v.mp4,{value},3,text"])
+    with pytest.raises(CorpusError, match=rf"{re.escape(str(path))} line 2: column 'start' is not a number of seconds"):
+        list(ManifestReader(str(path), "train").samples())
+
+
+@pytest.mark.parametrize("value, seconds", [(" 2.50 ", 2.5), ("1e1", 10.0), ("+3", 3.0), (".5", 0.5), ("7.", 7.0)])
+def test_decimal_times_in_any_plain_spelling_are_read(tmp_path, value, seconds):
+    path = csv_manifest(tmp_path, ["id,video,start,end,text", f'a,v.mp4,"{value}",30,text'])
+    (sample,) = ManifestReader(str(path), "train").samples()
+    assert sample.frames.start == seconds and sample.meta["start"] == seconds and sample.meta["end"] == 30.0
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"id": "a", "text": "eins", "id": "b", "frames": "f"}', "key 'id' appears twice in one row"),
+    ('{"id": "a", "text": "eins", "frames": "f", "score": NaN}', "NaN is not a JSON number"),
+    ('{"id": "a", "text": "eins", "frames": "f", "score": -Infinity}', "-Infinity is not a JSON number"),
+    ('{"id": "a", "x": ' + "[" * 5000 + "]" * 5000 + "}", "JSON nested too deeply"),
+])
+def test_a_jsonl_manifest_is_read_strictly(tmp_path, line, problem):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"id": "ok", "frames": "f", "text": "gut"}\n' + line + "\n", "utf-8")
+    with pytest.raises(CorpusError, match=rf"{re.escape(str(path))} line 2: {re.escape(problem)}"):
+        list(ManifestReader(str(path), "train").samples())
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+def test_a_utf16_or_utf32_annotation_file_is_named_as_such(tmp_path, encoding):
+    path = tmp_path / "train.csv"
+    path.write_bytes("id,frames,text\na,f,gut\n".encode(encoding))  # with its BOM, as spreadsheets save it
+    with pytest.raises(CorpusError, match=rf"{re.escape(str(path))}: is {encoding.upper()} text; save it as UTF-8"):
+        list(ManifestReader(str(path), "train").samples())
+
+
+def test_a_damaged_build_record_is_rebuilt_not_a_traceback(tmp_path):
+    frames = write_frames(tmp_path / "corpus" / "frames" / "a", 3, seed=0)
+    manifest = write_manifest(tmp_path / "corpus" / "train.jsonl", [{"id": "a", "frames": "frames/a", "text": "eins"}])
+    cfg = load_config(None, [f"corpus.root={manifest}", f"shards.out={tmp_path / 'out'}"])
+    build_shards(cfg, progress_bar=False)
+    reference = (tmp_path / "out" / "train-000000.tar").read_bytes()
+    (tmp_path / "out" / ".parts" / "train-000000.json").write_text('{"name": "train-0', "utf-8")  # a full disk's leftover
+    with open(tmp_path / "out" / "rejects.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"split": "dev", "id": "x", "reas')
+    summary = build_shards(cfg, progress_bar=False)
+    assert summary.shards_built == 1 and summary.index["samples"] == 1 and frames.is_dir()
+    assert (tmp_path / "out" / "train-000000.tar").read_bytes() == reference
+    assert all(json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text("utf-8").splitlines())

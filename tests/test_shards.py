@@ -266,6 +266,8 @@ def test_a_build_that_keeps_no_sample_fails_with_one_line_and_keeps_its_rejects(
     assert [r["id"] for r in rejects] == [f"gone{i}" for i in range(5)]
     index = read_index(out)
     assert "train" not in index["splits"], "a failed build must not leave a split to train on"
+    assert main(["shards", "verify", str(out)]) == 1
+    assert "lists no split" in capsys.readouterr().out
 
 
 def test_the_cuts_of_one_video_are_planned_together_and_shards_stay_identical_across_workers(tmp_path):

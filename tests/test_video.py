@@ -11,16 +11,26 @@ import pytest
 
 from fla_ds.corpus.base import VideoFile
 from fla_ds.frames import SampleError, resized_size
-from fla_ds.video import Cut, ReadStats, read_cuts, video_frames
+from fla_ds.video import Cut, ReadStats, encode_video, read_cuts
 from video_gallery import GALLERY, read_pattern, write_long_video, write_oriented, write_video
 
 VIDEO_CASES = sorted(name for name in GALLERY if name not in ("audio_only", "long"))
 
 
 def read(path, start=None, end=None, short_side=0, stats=None) -> tuple[list[np.ndarray], Counter]:
-    repaired: Counter = Counter()
-    frames = list(video_frames(VideoFile(str(path), start, end), short_side, repaired, stats))
-    return frames, repaired
+    """The frames of one cut as the reader gives them (before JPEG), and its repairs; raises
+    the cut's SampleError."""
+    frames: list[np.ndarray] = []
+    for event in read_cuts(str(path), [Cut(start, end)], short_side, stats):
+        if event.restart:
+            frames = []
+        elif event.frame is not None:
+            frames.append(event.frame)
+        elif event.error is not None:
+            raise event.error
+        else:
+            return frames, event.repaired
+    raise AssertionError("the cut never ended")
 
 
 def numbers(frames: list[np.ndarray]) -> list[int]:
@@ -152,6 +162,7 @@ def test_several_cuts_of_one_video_are_read_in_one_pass_like_one_by_one(long_vid
     done = Counter()
     for event in read_cuts(path, cuts, 0, stats):
         assert done[event.index] == 0, "frames after a cut's end"
+        assert not event.restart, "a file with one clock needs no restart"
         if event.frame is not None:
             together[event.index].append(read_pattern(event.frame)[0])
         else:
@@ -203,3 +214,137 @@ def test_translate_reads_a_rotated_clip_upright(tmp_path):
     clip = batch["video"][0].numpy()
     assert clip.shape == (8, 96, 96, 3)
     assert numbers(list(clip)) == list(range(8))
+
+
+# ------------------------------------------------------------------ real-world files that were seen to fail
+
+
+def test_cuts_of_an_mpeg_ts_with_b_frames_and_long_gops_are_exact(tmp_path):
+    """What ``ffmpeg ... out.ts`` writes (B-frames, a 4 s GOP, the CLI's 0.7 s mux delay):
+    seeks land after the cut, the reader backs off and, in the end, reopens the file rather
+    than trusting a seek to its start."""
+    video = write_video(tmp_path / "plain.ts", range(250), keyint=100, container_options={"max_delay": "700000"})
+    for start, end in [(1.5, 2.5), (3.5, 4.5), (5.0, 6.0), (9.0, 9.9)]:
+        frames, _ = read(video.path, start, end)
+        assert numbers(frames) == expected_cut(video.times, video.frames, start, end, 1 / 25), (start, end)
+
+
+def test_a_concatenated_mpeg_ts_keeps_every_frame_and_cuts_its_second_half_right(tmp_path):
+    """``cat a.ts a.ts`` (joined camcorder parts, HLS segments): the clock restarts in the
+    middle; like ffmpeg, the later frames continue after the earlier ones."""
+    part = write_video(tmp_path / "part.ts", range(100), keyint=25)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(part.path.read_bytes() * 2)
+    frames, _ = read(joined)
+    assert numbers(frames) == list(range(100)) * 2
+    # [5, 6) s is the second copy's [1, 2) s; [1.5, 2.5) s is in the first copy
+    assert numbers(read(joined, 5.0, 6.0)[0]) == list(range(25, 50))
+    assert numbers(read(joined, 1.5, 2.5)[0]) == list(range(38, 62))
+    together = {}
+    for event in read_cuts(str(joined), [Cut(1.5, 2.5), Cut(5.0, 6.0), Cut(6.5, 7.0)], 0):
+        if event.restart:
+            together[event.index] = []
+        elif event.frame is not None:
+            together.setdefault(event.index, []).append(read_pattern(event.frame)[0])
+    assert together == {0: list(range(38, 62)), 1: list(range(25, 50)), 2: list(range(63, 75))}
+
+
+def test_presentation_timestamps_that_go_backwards_use_the_decoding_ones_like_ffmpeg(tmp_path):
+    """A raw h264 stream muxed without proper timestamps (``ffmpeg -r 25 -i x.h264 -c copy
+    x.mp4``) has presentation times out of order; ffmpeg's best-effort timestamp then follows
+    the decoding times, and every frame is shown once, in order."""
+    import av
+
+    src = write_video(tmp_path / "b_frames.mp4", range(60), keyint=30)
+    faulty = tmp_path / "faulty.mp4"
+    with av.open(str(src.path)) as inp, av.open(str(faulty), "w") as out:
+        stream_in = inp.streams.video[0]
+        stream_out = out.add_stream_from_template(stream_in)
+        for packet in inp.demux(stream_in):
+            if packet.dts is None:
+                continue
+            packet.pts = packet.dts  # presentation = decoding order: wrong for every B-frame
+            packet.stream = stream_out
+            out.mux(packet)
+    with av.open(str(faulty)) as container:
+        decoded = [read_pattern(f.to_ndarray(format="rgb24"))[0] for f in container.decode(video=0)]
+    frames, _ = read(faulty)
+    assert numbers(frames) == decoded == [1, 2, 3] + list(range(5, 60))  # what ffmpeg 5.1's CLI shows too
+    # and their times are ffmpeg's: `ffmpeg -i faulty.mp4 -ss 0.4 -to 1.2` shows frames 10..29
+    assert numbers(read(faulty, 0.4, 1.2)[0]) == list(range(10, 30))
+
+
+def test_a_raw_elementary_stream_is_read_and_cut(tmp_path):
+    video = write_video(tmp_path / "raw.h264", range(100), keyint=25, container_format="h264")
+    frames, _ = read(video.path)
+    assert numbers(frames) == list(range(100))
+    assert numbers(read(video.path, 2.0, 3.0)[0]) == list(range(50, 75))
+
+
+def test_the_default_video_stream_wins_unless_another_is_far_larger(tmp_path):
+    """ffmpeg's choice: pixels, plus 5,000,000 for the default stream."""
+    import av
+
+    path = tmp_path / "two.mkv"
+    with av.open(str(path), "w") as container:
+        small = container.add_stream("libx264", rate=25)
+        small.width, small.height, small.pix_fmt = 160, 96, "yuv420p"
+        large = container.add_stream("libx264", rate=25)
+        large.width, large.height, large.pix_fmt = 320, 192, "yuv420p"
+        small.disposition = av.stream.Disposition.default
+        large.disposition = av.stream.Disposition(0)
+        for i in range(10):
+            for stream, offset in ((small, 0), (large, 1000)):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(write_pattern(i + offset, stream)), format="rgb24")
+                frame.pts = i
+                container.mux(stream.encode(frame))
+        for stream in (small, large):
+            container.mux(stream.encode(None))
+    frames, _ = read(path)
+    assert numbers(frames) == list(range(10)) and frames[0].shape == (96, 160, 3)
+
+
+def write_pattern(number: int, stream) -> np.ndarray:
+    from video_gallery import frame_pattern
+
+    return frame_pattern(number, stream.width, stream.height)
+
+
+def test_a_sample_aspect_ratio_set_in_the_container_only_is_applied(tmp_path):
+    """``ffmpeg -i a.mp4 -c copy -aspect 4:3 b.mp4``: the bitstream says nothing, the
+    container says 4:5; ffmpeg shows 128x96 square pixels for 160x96 stored."""
+    import av
+    from fractions import Fraction
+
+    src = write_video(tmp_path / "square.mp4", range(10), size=(160, 96))
+    tagged = tmp_path / "tagged.mp4"
+    with av.open(str(src.path)) as inp, av.open(str(tagged), "w") as out:
+        stream_in = inp.streams.video[0]
+        stream_out = out.add_stream_from_template(stream_in)
+        stream_out.codec_context.sample_aspect_ratio = Fraction(4, 5)
+        for packet in inp.demux(stream_in):
+            if packet.dts is not None:
+                packet.stream = stream_out
+                out.mux(packet)
+    frames, _ = read(tagged)
+    assert frames[0].shape == (96, 128, 3) and numbers(frames) == list(range(10))
+
+
+def test_translate_names_the_file_it_cannot_read(tmp_path, gallery):
+    from fla_ds.config import load_config
+    from fla_ds.inference import clip_batch
+
+    audio = gallery("audio_only").path
+    with pytest.raises(SampleError, match=rf"^{audio}: unreadable video \(no video stream\)$"):
+        clip_batch([str(audio)], load_config(None, []))
+    from fla_ds.cli import _known_errors
+
+    assert SampleError in _known_errors()  # printed as one line, exit 2
+
+
+def test_frames_too_large_to_store_are_rejected_before_anything_is_written(tmp_path):
+    video = write_video(tmp_path / "wide.mp4", range(4), size=(2400, 64))  # a 37.5:1 strip
+    with pytest.raises(SampleError, match=r"^frames too large to store \(9600x256; the loader reads at most 8192"):
+        encode_video(VideoFile(str(video.path)), 256, 90)
+    clip = encode_video(VideoFile(str(video.path)), 64, 90)
+    assert (clip.width, clip.height, clip.num_frames) == (2400, 64, 4)

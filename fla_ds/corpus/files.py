@@ -19,6 +19,7 @@ import codecs
 import csv
 import io
 import math
+import re
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -47,7 +48,12 @@ def require_dir(path: Path, reader: str, what: str) -> Path:
     return path
 
 
-def decode_lossless(data: bytes) -> str:
+def decode_lossless(data: bytes, path: Path | None = None) -> str:
+    """An annotation file's bytes as str, losslessly (module docstring). Raises CorpusError for
+    UTF-16/32, which spreadsheet programs write as "Unicode text" (every other byte NUL)."""
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
+        if data.startswith(bom):
+            raise CorpusError(f"{path or 'annotation file'}: is {name} text; save it as UTF-8")
     if data.startswith(codecs.BOM_UTF8):  # spreadsheet exports start with one
         data = data[len(codecs.BOM_UTF8):]
     return data.decode("utf-8", "surrogateescape")
@@ -158,7 +164,7 @@ def read_table(
     Raises CorpusError (one line) as above, and for a file without a header line.
     """
     header: Optional[list[str]] = None
-    for number, line in enumerate(io.StringIO(decode_lossless(path.read_bytes()), newline=""), start=1):
+    for number, line in enumerate(io.StringIO(decode_lossless(path.read_bytes(), path), newline=""), start=1):
         if not line.strip():
             continue
         fields = parse_line(line, path, number, delimiter, quoting, header)
@@ -186,11 +192,15 @@ def _check_header(header: list[str], path: Path, number: int, required: tuple[st
             raise CorpusError(f"{path} line {number}: header names column '{column}' twice")
 
 
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def parse_seconds(value, path: Path, line: int, column: str) -> float:
-    """A time in seconds; anything else (text, true/false, nan, inf) is a CorpusError, because
-    the shard builder would cut the wrong part of a video with it."""
+    """A time in seconds: a number, or text that is a plain ASCII decimal (``2``, `` 2.50 ``,
+    ``1e3``); anything else (``1,5``, ``1_0``, other scripts' digits, true/false, nan, inf) is a
+    CorpusError, because the shard builder would cut the wrong part of a video with it."""
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or (isinstance(value, str) and not _DECIMAL.fullmatch(value.strip())):
             raise ValueError
         seconds = float(value)
         if not math.isfinite(seconds):

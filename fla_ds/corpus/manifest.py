@@ -54,16 +54,35 @@ def find_manifest(root: Path, split: str) -> Path:
 def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
     # Split on "\n" only: str.splitlines would also cut at U+2028 and friends, which JSON
     # allows unescaped inside strings.
-    for number, line in enumerate(decode_lossless(path.read_bytes()).split("\n"), start=1):
+    for number, line in enumerate(decode_lossless(path.read_bytes(), path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
         except json.JSONDecodeError as exc:
             raise CorpusError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+        except ValueError as exc:  # from the hooks: a repeated key, NaN or Infinity
+            raise CorpusError(f"{path} line {number}: {exc}") from None
+        except RecursionError:
+            raise CorpusError(f"{path} line {number}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise CorpusError(f"{path} line {number}: expected a JSON object")
         yield number, row
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json object hook: a key given twice in one row is an error (json keeps the last one
+    silently, which would give one sample another row's value)."""
+    row = {}
+    for key, value in pairs:
+        if key in row:
+            raise ValueError(f"key {key!r} appears twice in one row")
+        row[key] = value
+    return row
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
@@ -138,10 +157,15 @@ class ManifestReader:
             raise self.error(line, "column 'text' is not a string")
         return text_or_bytes(value)
 
-    def meta(self, row: dict) -> dict:
+    def meta(self, row: dict, line: int) -> dict:
+        """Extra columns, the signer, and the cut's times as the manifest gives them (the
+        builder may clamp the cut it reads; the annotation's own times stay here)."""
         meta = {printable(str(k)): json_safe(v) for k, v in row.items() if k not in KNOWN_COLUMNS}
         if present(row, "signer"):
             meta["signer"] = json_safe(str(row["signer"]))
+        for column in ("start", "end"):
+            if present(row, column):
+                meta[column] = self.seconds(row, line, column)
         return meta
 
     def samples(self) -> Iterator[CorpusSample]:
@@ -152,7 +176,7 @@ class ManifestReader:
                 id=self.sample_id(row, line),
                 frames=self.frame_source(row, line),
                 text=self.text(row, line),
-                meta=self.meta(row),
+                meta=self.meta(row, line),
             )
 
     def source_files(self) -> list[Path]:

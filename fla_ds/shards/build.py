@@ -33,10 +33,10 @@ from fla_ds.atomic import atomic_write_json, atomic_write_text, tmp_name
 from fla_ds.config import save_resolved
 from fla_ds.corpus import open_corpus
 from fla_ds.corpus.base import CorpusSample, VideoFile, canonical_split, clean_text, safe_key, sha256_file
-from fla_ds.frames import ClipEncoder, EncodedClip, SampleError, encode_source
+from fla_ds.frames import EncodedClip, SampleError, encode_source
 from fla_ds.shards.format import ShardWriter
 from fla_ds.shards.index import read_index
-from fla_ds.video import Cut, read_cuts
+from fla_ds.video import Cut, encode_cuts
 
 BUILDER_VERSION = 2
 # Settings that change the bytes of a shard; anything else (workers, paths) must not.
@@ -191,7 +191,13 @@ def source_description(frames, root: Path) -> str:
     """What a sample's frames are read from, independent of where the corpus is mounted (a
     job array's nodes may see it under different paths)."""
     start, end = getattr(frames, "start", None), getattr(frames, "end", None)
-    return json.dumps([type(frames).__name__, _relative(Path(frames.path), root), getattr(frames, "pattern", None), start, end])
+    size = None
+    if isinstance(frames, VideoFile):  # a replaced video changes the build (its size, cheaply)
+        try:
+            size = os.stat(frames.path).st_size
+        except OSError:
+            pass
+    return json.dumps([type(frames).__name__, _relative(Path(frames.path), root), getattr(frames, "pattern", None), start, end, size])
 
 
 def plan_fingerprint(corpus: str, split: str, settings: dict, shards: list[list[PlannedSample]], root: Path) -> str:
@@ -243,8 +249,11 @@ def shard_is_done(out: Path, plan: Plan, index: int) -> Optional[dict]:
     record_path = part_path(out, plan.split, index)
     if not record_path.is_file():
         return None
-    record = json.loads(record_path.read_text("utf-8"))
-    tar = out / record["name"]
+    try:
+        record = json.loads(record_path.read_text("utf-8"))
+        tar = out / record["name"]
+    except (ValueError, KeyError, TypeError, OSError):  # a damaged record: build the shard again
+        return None
     if record.get("fingerprint") != plan.fingerprint or not tar.is_file() or tar.stat().st_size != record["bytes"]:
         return None
     return record
@@ -271,31 +280,13 @@ def encode_one(planned: PlannedSample, settings: dict) -> EncodedClip | SampleEr
         return exc
 
 
-def encode_cuts(group: list[PlannedSample], settings: dict) -> Iterator[tuple[PlannedSample, EncodedClip | SampleError]]:
-    """The cuts of one video, read in one pass (fla_ds.video.read_cuts), each with its clip
+def encode_group(group: list[PlannedSample], settings: dict) -> Iterator[tuple[PlannedSample, EncodedClip | SampleError]]:
+    """The cuts of one video, read in one pass (fla_ds.video.encode_cuts), each with its clip
     or reject, in the order the cuts end."""
     cuts = [Cut(p.sample.frames.start, p.sample.frames.end) for p in group]
-    encoders = {i: ClipEncoder(settings["jpeg_quality"], settings["max_frames"]) for i in range(len(group))}
-    failed: dict[int, SampleError] = {}
-    for event in read_cuts(group[0].sample.frames.path, cuts, settings["short_side"]):
-        i = event.index
-        if event.frame is not None:
-            if i not in failed:
-                try:
-                    encoders[i].add(event.frame)
-                except SampleError as exc:
-                    failed[i] = exc
-                    del encoders[i]  # its frames are no longer needed
-            continue
-        error = event.error or failed.get(i)
-        if error is None:
-            try:
-                yield group[i], encoders.pop(i).finish(event.repaired)
-                continue
-            except SampleError as exc:
-                error = exc
-        encoders.pop(i, None)
-        yield group[i], error
+    clips = encode_cuts(group[0].sample.frames.path, cuts, settings["short_side"], settings["jpeg_quality"], settings["max_frames"])
+    for i, clip in clips:
+        yield group[i], clip
 
 
 def encoded_samples(samples: list[PlannedSample], settings: dict) -> Iterator[tuple[PlannedSample, EncodedClip | SampleError]]:
@@ -311,7 +302,7 @@ def encoded_samples(samples: list[PlannedSample], settings: dict) -> Iterator[tu
         else:
             while j < len(samples) and cut_video(samples[j].sample) == video:
                 j += 1
-            yield from encode_cuts(samples[i:j], settings)
+            yield from encode_group(samples[i:j], settings)
         i = j
 
 
@@ -475,6 +466,16 @@ def remove_leftovers(out: Path, split: str, shards: Optional[range]) -> int:
     return removed
 
 
+def _reject_line(line: str) -> Optional[dict]:
+    """One record of rejects.jsonl; a damaged line (a disk that filled up) is dropped: the
+    file is rewritten from the builds' records."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def write_index(out: Path, split: str, entry: Optional[dict], rejects: list[dict]) -> None:
     """Record one split in ``index.json`` (``entry`` None removes it: a failed build) and its
     rejects in ``rejects.jsonl``, beside other splits' entries, under the folder lock."""
@@ -492,7 +493,7 @@ def write_index(out: Path, split: str, entry: Optional[dict], rejects: list[dict
         rejects_path = out / "rejects.jsonl"
         others = []
         if rejects_path.is_file():
-            others = [json.loads(line) for line in rejects_path.read_text("utf-8").splitlines() if line.strip()]
+            others = [r for r in map(_reject_line, rejects_path.read_text("utf-8", "replace").splitlines()) if r]
             others = [r for r in others if r.get("split") != split]
         lines = [json.dumps(r, ensure_ascii=False, sort_keys=True) for r in others + rejects]
         atomic_write_text(rejects_path, "".join(line + "\n" for line in lines))

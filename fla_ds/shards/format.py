@@ -41,7 +41,7 @@ from typing import BinaryIO, Iterable, Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from fla_ds.frames import FramePack
+from fla_ds.frames import MAX_FRAME_SIDE, MAX_NUM_FRAMES, FramePack
 
 MEMBER_SUFFIXES = ("json", "frames", "features")
 PAYLOAD_SUFFIXES = ("frames", "features")  # a sample has json and exactly one of these
@@ -54,8 +54,6 @@ MIN_SAMPLE_BYTES = 2 * MIN_MEMBER_BYTES  # json + payload
 MAX_JSON_BYTES = 1 << 20
 MAX_HEADER_EXTENSION = 64 << 10  # a pax or GNU long-name header; tarfile reads it whole
 MAX_EXTENSION_CHAIN = 8
-MAX_FRAME_SIDE = 8192  # stored frames are resized (short side 256 by default)
-MAX_NUM_FRAMES = 1 << 20
 MAX_FEATURE_DIM = 1 << 16
 FEATURE_DTYPE = "float16"  # the only one the cache writes: half the bytes of fp32, exact enough
 

@@ -69,6 +69,8 @@ def verify_folder(folder: str, decode: bool = False) -> tuple[int, list[str]]:
     except IndexFormatError as exc:
         return 0, [str(exc)]
     checked, problems = 0, []
+    if not index["splits"]:  # e.g. what a build that kept no sample leaves
+        return 0, [f"{os.fspath(folder)}/index.json: lists no split (nothing was built, or every build kept no sample)"]
     for split in sorted(index["splits"]):
         try:
             entry = split_entry(folder, index, split)
