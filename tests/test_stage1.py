@@ -159,6 +159,17 @@ def test_evaluate_command_scores_a_checkpoint(assets, tmp_path):
     assert "bleu4" in proc.stdout and "signjoey" in proc.stdout
     metrics = json.loads((out / "step-2" / "eval-dev" / "metrics.json").read_text())
     assert metrics["n"] == 8
+    # A split that kept no sample (as older builds wrote it) is an error, not nan scores.
+    import shutil
+
+    empty = Path(shutil.copytree(assets["shards"], tmp_path / "empty"))
+    index = json.loads((empty / "index.json").read_text())
+    index["splits"]["dev"].update(shards=[], samples=0, frames=0, bytes=0)
+    (empty / "index.json").write_text(json.dumps(index))
+    proc = subprocess.run([sys.executable, "-m", "fla_ds", "evaluate", "--checkpoint", str(out), "--shards", str(empty), "--split", "dev"],
+                          env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
+    assert "split 'dev' has no samples" in proc.stderr
 
 
 def test_a_bad_config_key_stops_before_training(assets, tmp_path):
