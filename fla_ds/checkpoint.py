@@ -1,28 +1,45 @@
-"""Checkpoints: self-contained step folders, atomic pointers, safe loading, auto-resume.
+"""Checkpoints: self-contained step folders, written whole or not at all, resumable anywhere.
 
 ``RUN/step-N/`` holds everything to resume exactly or to use the weights elsewhere:
 - ``engine/``: DeepSpeed's state (model, optimizer, scheduler), written by every rank;
-- ``trainer.json``: epoch, step, the loader's position, metrics; ``rng-<rank>.json``: RNG states;
+- ``trainer.json``: epoch, step, the loader's position, metrics, the world size and ZeRO stage
+  it was written with; ``rng-<rank>.json``: RNG states;
 - the stage's exports (e.g. ``encoder.safetensors`` for stage 2), the resolved config, the
   vocabulary; written by rank 0 after every rank has finished writing;
-- ``COMPLETE``: written last; lists every file with its size and sha256. A folder without it
-  was interrupted and is never resumed from.
-``RUN/latest`` and ``RUN/best`` are small text files replaced atomically afterwards.
+- ``COMPLETE``: lists every file with its size and sha256.
 
-Loading never unpickles arbitrary objects: DeepSpeed's files are read with
-``torch.load(weights_only=True)`` (a checkpoint engine of ours), allowing only the three plain
-DeepSpeed record types they contain; everything else is JSON or safetensors. A damaged newest
-checkpoint (missing file, wrong size or hash, unreadable) makes resume fall back to the
-previous complete one with a warning.
+Writing (``save_checkpoint``): every rank writes into ``RUN/.step-N.partial/``; rank 0 adds
+``trainer.json`` and ``COMPLETE``, renames the folder to ``step-N`` (atomic), and only then
+replaces ``RUN/latest``. A kill at any moment leaves the previous checkpoints as they were and
+at most a ``.partial`` folder, removed by the next save. A complete checkpoint is never
+deleted or rewritten in place: a second save of a step that is already complete is skipped,
+and ``prune`` keeps the newest ``keep_last``, the best and whatever ``latest`` names. Before
+writing, every rank checks that its filesystem has room for a checkpoint the size of the last
+one; a failed write is a ``SaveError`` naming the folder and the cause (no space left on
+device, quota, I/O error).
+
+Resuming (``choose_resume``, ``load_checkpoint``): rank 0 picks the newest intact checkpoint
+(sizes, and sha256 unless ``train.verify_checkpoints=false``) and broadcasts it; a damaged one
+falls back to the previous with a warning. A checkpoint written by another world size or ZeRO
+stage is converted by DeepSpeed's universal checkpoint tool (``ds_to_universal``) into a
+temporary folder first, and loaded with ``"load_universal": true``: any checkpoint resumes on
+any number of ranks, with its optimizer state.
+
+Nothing is unpickled: every ``torch.load`` in a training process is forced to
+``weights_only=True`` (``enforce_weights_only``; the conversion runs in a child process under
+the same rule), with only DeepSpeed's three plain record types allowed; everything else is
+JSON or safetensors.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -39,6 +56,8 @@ ENGINE_TAG = "state"
 
 # ------------------------------------------------------------------ safe loading of DeepSpeed files
 
+WEIGHTS_ONLY_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
 
 def _deepspeed_safe_globals() -> list:
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
@@ -48,15 +67,12 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def install_safe_loading(engine) -> None:
-    """Make the engine read its checkpoint files with weights_only=True."""
-    safe = _deepspeed_safe_globals()
-
-    def load(path: str, map_location=None):
-        with torch.serialization.safe_globals(safe):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-    engine.checkpoint_engine.load = load
+def enforce_weights_only() -> None:
+    """Every ``torch.load`` of this process reads tensors and plain data only (PyTorch's
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, which overrides even an explicit ``weights_only=False`` in
+    library code), allowing the three plain record types DeepSpeed's own files contain."""
+    os.environ[WEIGHTS_ONLY_ENV] = "1"
+    torch.serialization.add_safe_globals(_deepspeed_safe_globals())
 
 
 # ------------------------------------------------------------------ RNG state
@@ -97,37 +113,22 @@ def _tuples(obj):
 # ------------------------------------------------------------------ the COMPLETE manifest
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_complete(step_dir: Path) -> None:
-    files = {str(p.relative_to(step_dir)): {"bytes": p.stat().st_size, "sha256": file_digest(p)}
-             for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != "COMPLETE" and not p.name.endswith(".tmp")}
-    atomic_write_json(step_dir / "COMPLETE", {"files": files})
+    """The COMPLETE manifest (fla_ds.artifacts.write_manifest: every file, its size and sha256)."""
+    from fla_ds.artifacts import write_manifest
+
+    write_manifest(step_dir)
 
 
 def check_complete(step_dir: Path, hashes: bool) -> Optional[str]:
-    """None when the folder is intact, else what is wrong (one line)."""
-    marker = step_dir / "COMPLETE"
-    if not marker.is_file():
-        return "no COMPLETE marker (interrupted while saving)"
+    """None when the folder is intact, else what is wrong (one line). ``hashes``: check every
+    file's sha256 too (DeepSpeed's state included), not only the sizes."""
+    from fla_ds.artifacts import ArtifactError, verify_folder
+
     try:
-        files = json.loads(marker.read_text("utf-8"))["files"]
-    except (ValueError, KeyError):
-        return "COMPLETE marker is unreadable"
-    for name, facts in files.items():
-        path = step_dir / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != facts["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, expected {facts['bytes']}"
-        if hashes and file_digest(path) != facts["sha256"]:
-            return f"{name} does not match its sha256"
+        verify_folder(step_dir, hash_training_state=hashes, hashes=hashes)
+    except ArtifactError as exc:
+        return str(exc)
     return None
 
 
@@ -149,24 +150,116 @@ def barrier() -> None:
         dist.barrier()
 
 
+class SaveError(RuntimeError):
+    """A checkpoint could not be written; the message is one line naming the folder and the
+    cause. The previous checkpoints are untouched."""
+
+
+def partial_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / f".step-{step}.partial"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def write_failure(exc: BaseException, folder: Path) -> str:
+    """What went wrong with a write, in words: the OS error where one is in the chain (PyTorch's
+    serializer reports a full disk as 'basic_ios::clear: iostream error'), else the free space
+    when it ran out, else the exception's first line."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno).lower()
+        seen = seen.__cause__ or seen.__context__
+    try:
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < LOW_SPACE_BYTES:
+        return f"no space left on device ({free / 2**20:.1f} MiB free)"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"write failed ({type(exc).__name__}: {first[:200]})"
+
+
+LOW_SPACE_BYTES = 64 << 20
+"""Below this much free space a failed write is reported as a full disk."""
+
+
+def check_room(run_dir: Path, step: int) -> None:
+    """Every rank: is there room for a checkpoint as large as the newest complete one (plus a
+    margin)? All ranks agree (a collective), so that all refuse together rather than one
+    failing mid-write while the others wait. Raises SaveError."""
+    newest = next((p for p in step_dirs(run_dir) if (p / "COMPLETE").is_file()), None)
+    need = int(folder_bytes(newest) * 1.1) + LOW_SPACE_BYTES if newest is not None else 0
+    from fla_ds.distributed import device
+
+    free = shutil.disk_usage(run_dir).free
+    flag = torch.tensor([1.0 if free >= need else 0.0], device=device())
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if flag.item() < 1.0:
+        where = f"{free / 2**20:.0f} MiB free here" if free < need else "another rank's filesystem is short"
+        raise SaveError(f"cannot save step-{step} in {run_dir}: no space left on device ({where}, a checkpoint needs about "
+                        f"{need / 2**20:.0f} MiB); the previous checkpoint stays latest")
+
+
 def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict, export: Callable[[Path], None]) -> Path:
-    """Every rank calls this. ``export(step_dir)`` runs on every rank (it may gather ZeRO-3
-    parameters, a collective) and writes its files from rank 0."""
-    step_dir = run_dir / f"step-{step}"
-    if rank() == 0 and step_dir.exists():  # a half-written folder of an earlier attempt
-        shutil.rmtree(step_dir)
+    """Write ``RUN/step-<step>`` (module docstring); every rank calls this. ``export(folder)``
+    runs on every rank (it may gather ZeRO-3 parameters, a collective) and writes the stage's
+    files from rank 0. Returns the step folder; raises SaveError."""
+    final = run_dir / f"step-{step}"
+    done = [(final / "COMPLETE").is_file()] if rank() == 0 else [None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(done, src=0)
+    if done[0]:
+        log.info("step-%d is already saved complete: not written again", step)
+        return final
+    tmp = partial_dir(run_dir, step)
+    if rank() == 0:
+        for leftover in (tmp, final):  # a killed earlier attempt; never a complete folder
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp.mkdir(parents=True)
     barrier()
-    # Frozen weights (a 4-bit base model) come from their own files, not from every checkpoint.
-    engine.save_checkpoint(str(step_dir / "engine"), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
-    atomic_write_json(step_dir / f"rng-{rank():05d}.json", rng_state())
-    export(step_dir)
+    check_room(run_dir, step)
+    try:
+        # Frozen weights (a 4-bit base model) come from their own files, not from every checkpoint.
+        engine.save_checkpoint(str(tmp / "engine"), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
+        atomic_write_json(tmp / f"rng-{rank():05d}.json", rng_state())
+        export(tmp)
+    except Exception as exc:
+        raise SaveError(f"saving step-{step} in {run_dir} failed on rank {rank()}: {write_failure(exc, tmp)}; "
+                        f"the previous checkpoint stays latest") from None
     barrier()  # every rank's files are on disk
     if rank() == 0:
-        atomic_write_json(step_dir / "trainer.json", trainer_state)
-        write_complete(step_dir)
-        atomic_write_text(run_dir / "latest", step_dir.name + "\n")
+        try:
+            atomic_write_json(tmp / "trainer.json", trainer_state)
+            write_complete(tmp)
+            os.replace(tmp, final)
+            fsync_dir(run_dir)
+            atomic_write_text(run_dir / "latest", final.name + "\n")
+        except Exception as exc:
+            raise SaveError(f"saving step-{step} in {run_dir} failed: {write_failure(exc, tmp)}; the previous checkpoint stays latest") from None
     barrier()
-    return step_dir
+    return final
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a crash after it must not undo it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partials(run_dir: Path) -> None:
+    """Rank 0 at start: folders of saves that were killed (never complete ones)."""
+    if rank() == 0:
+        for p in run_dir.glob(".step-*.partial"):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in run_dir.glob(".universal-*"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def mark_best(run_dir: Path, step_dir: Path, metric: str, value: float) -> None:
@@ -180,14 +273,20 @@ def read_best(run_dir: Path) -> Optional[dict]:
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints and the best; rank 0 only."""
+    """Keep the newest ``keep_last`` complete checkpoints, the best and the one ``latest``
+    names; rank 0 only. Incomplete folders are not touched here (see remove_partials)."""
     if rank() != 0:
         return
-    best = (read_best(run_dir) or {}).get("step")
+    keep = {(read_best(run_dir) or {}).get("step"), read_latest(run_dir)}
     complete = [p for p in step_dirs(run_dir) if (p / "COMPLETE").is_file()]
-    for p in complete[keep_last:]:
-        if p.name != best:
+    for p in complete[max(keep_last, 1):]:
+        if p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def read_latest(run_dir: Path) -> Optional[str]:
+    path = run_dir / "latest"
+    return path.read_text("utf-8").strip() if path.is_file() else None
 
 
 # ------------------------------------------------------------------ resuming
@@ -209,13 +308,57 @@ def choose_resume(run_dir: Path, hashes: bool) -> Optional[Path]:
     return Path(choice[0]) if choice[0] else None
 
 
-def load_checkpoint(engine, step_dir: Path) -> dict:
-    """Restore the engine and this rank's RNG; returns the trainer state."""
-    load_path, _ = engine.load_checkpoint(str(step_dir / "engine"), tag=ENGINE_TAG, load_module_strict=False)
+def saved_layout(step_dir: Path) -> tuple[int, int]:
+    """(world size, ZeRO stage) a checkpoint was written with: from trainer.json, or for older
+    checkpoints from DeepSpeed's file names (one optimizer file per data-parallel rank)."""
+    state = json.loads((step_dir / "trainer.json").read_text("utf-8"))
+    if "world_size" in state and "zero_stage" in state:
+        return int(state["world_size"]), int(state["zero_stage"])
+    files = list((step_dir / "engine" / ENGINE_TAG).glob("*optim_states.pt"))
+    zero3 = any("model_states" in p.name and p.name.startswith("zero_pp_rank") for p in (step_dir / "engine" / ENGINE_TAG).iterdir())
+    return max(1, len(files)), 3 if zero3 else 2
+
+
+CONVERT = """
+import sys, argparse
+from fla_ds.checkpoint import enforce_weights_only
+enforce_weights_only()
+from deepspeed.checkpoint import ds_to_universal
+ds_to_universal.main(argparse.Namespace(input_folder=sys.argv[1], output_folder=sys.argv[2], num_extract_workers=1,
+                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+"""
+
+
+def universal_copy(step_dir: Path, run_dir: Path, timeout_s: int = 3600) -> Path:
+    """Rank 0: ``step_dir``'s DeepSpeed state in DeepSpeed's universal format (independent of
+    world size and ZeRO partitioning), converted by ``deepspeed.checkpoint.ds_to_universal`` in a
+    child process into ``RUN/.universal-step-N/engine``. The checkpoint itself is only read.
+    Raises ResumeError (one line) when the conversion fails."""
+    out = run_dir / f".universal-{step_dir.name}"
+    shutil.rmtree(out, ignore_errors=True)
+    target = out / "engine"
+    target.mkdir(parents=True)
+    cmd = [sys.executable, "-c", CONVERT, str(step_dir / "engine" / ENGINE_TAG), str(target / ENGINE_TAG)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ResumeError(f"converting {step_dir} to DeepSpeed's universal checkpoint failed: {last}")
+    return out
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint cannot be resumed from; one line."""
+
+
+def load_checkpoint(engine, step_dir: Path, universal: Optional[Path] = None) -> dict:
+    """Restore the engine (from ``universal``, a converted copy, when given) and this rank's
+    RNG; returns the trainer state."""
+    source = (universal or step_dir) / "engine"
+    load_path, _ = engine.load_checkpoint(str(source), tag=ENGINE_TAG, load_module_strict=False)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {step_dir / 'engine'}")
+        raise ResumeError(f"DeepSpeed could not load {source}")
     rng_file = step_dir / f"rng-{rank():05d}.json"
-    if rng_file.is_file():  # absent when the number of ranks changed
+    if rng_file.is_file() and universal is None:  # absent or meaningless when the ranks changed
         set_rng_state(json.loads(rng_file.read_text("utf-8")))
     return json.loads((step_dir / "trainer.json").read_text("utf-8"))
 

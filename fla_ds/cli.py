@@ -99,7 +99,8 @@ def cmd_trim_mbart(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Decode a split with a saved checkpoint; spread over ranks when launched by torchrun."""
+    """Decode a split with a saved checkpoint (verified as it loads, fla_ds/artifacts.py);
+    spread over ranks when launched by torchrun."""
     from omegaconf import OmegaConf
 
     from fla_ds.distributed import init_distributed, shutdown
@@ -153,6 +154,8 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """A bundle from a stage-2 checkpoint, verified before anything is copied; a damaged or
+    hostile file is one line naming it and exit 2, with no bundle written."""
     from fla_ds.inference import export_bundle
 
     out = export_bundle(resolve_checkpoint(args.checkpoint), args.out, merge=args.merge)
@@ -161,6 +164,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
+    """Translate clips with a bundle or step folder, verified as it loads (fla_ds/artifacts.py)."""
     from fla_ds.inference import translate_paths
 
     missing = [p for p in args.inputs if not Path(p).exists()]
@@ -268,13 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type, ...]:
+    """Errors whose message is one line for the user (exit 2, no traceback); ArtifactError:
+    a damaged or hostile checkpoint, bundle or weights file (fla_ds/artifacts.py)."""
+    from fla_ds.artifacts import ArtifactError
     from fla_ds.corpus.base import CorpusError
     from fla_ds.frames import SampleError
     from fla_ds.shards.build import BuildError
     from fla_ds.shards.format import ShardFormatError
     from fla_ds.shards.index import IndexFormatError
 
-    return (ConfigError, UsageError, CorpusError, BuildError, ShardFormatError, IndexFormatError, SampleError)
+    return (ConfigError, UsageError, CorpusError, BuildError, ShardFormatError, IndexFormatError, SampleError, ArtifactError)
 
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:

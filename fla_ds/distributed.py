@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -53,8 +56,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def detect_placement(local_rank_arg: int = -1) -> Placement:
-    env = os.environ
+def detect_placement(local_rank_arg: int = -1, configure: bool = True) -> Placement:
+    """This process's place in the job, from the launcher's environment. ``configure`` also
+    sets MASTER_ADDR/MASTER_PORT where the launcher left them unset (srun, one process)."""
+    env = dict(os.environ) if not configure else os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         local = int(env.get("LOCAL_RANK", local_rank_arg if local_rank_arg >= 0 else 0))
         launcher = "deepspeed" if local_rank_arg >= 0 else "torchrun"
@@ -66,6 +71,71 @@ def detect_placement(local_rank_arg: int = -1) -> Placement:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(_free_port()))
     return Placement(0, 0, 1, "single")
+
+
+OP_BUILD_WAIT_S = 600
+"""How long a launch waits for another process's build of a DeepSpeed op before calling its
+lock stale (a build takes about a minute)."""
+
+
+def extension_dir() -> Path:
+    """Where DeepSpeed's JIT-built ops live: ``TORCH_EXTENSIONS_DIR``, by default a folder of
+    this Python environment (so environments never rebuild or lock each other's ops)."""
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
+def op_build_locks(root: Path) -> list[Path]:
+    """Lock files of op builds in progress, or left by a killed build (torch's FileBaton)."""
+    # <root>/<op>/lock with TORCH_EXTENSIONS_DIR set, <root>/py311_cpu/<op>/lock by default
+    return sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]) if root.is_dir() else []
+
+
+def age(path: Path) -> float:
+    """Seconds since ``path`` was last modified (0 when it is gone)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def building(folder: Path) -> bool:
+    """Whether a live process is compiling in ``folder`` (ninja or a compiler started there)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.readlink(proc / "cwd") == str(folder) or str(folder) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def prepare_op_builds(wait_s: float = OP_BUILD_WAIT_S, poll_s: float = 2.0) -> str:
+    """Before DeepSpeed builds its CPU ops (the shared-memory communication op on a CPU
+    machine's first launch, about 30 s; ``cpu_adam`` with optimizer offload): use this
+    environment's extension folder, announce a first build, and wait a bounded time for
+    another process's build. A lock that no live process is building behind (a killed build
+    leaves one, and every later launch would wait forever) is a LaunchError saying what to
+    remove. Returns a line for ``--check``."""
+    from fla_ds.preflight import LaunchError
+
+    root = extension_dir()
+    deadline = time.monotonic() + wait_s
+    idle: dict[Path, int] = {}  # polls in a row that saw no process building behind a lock
+    while locks := op_build_locks(root):
+        for lock in locks:
+            idle[lock] = 0 if building(lock.parent) else idle.get(lock, 0) + 1
+        stale = [lock for lock in locks if idle[lock] >= 3 and age(lock) > 10]
+        if stale or time.monotonic() > deadline:
+            lock = (stale or locks)[0]
+            raise LaunchError(f"DeepSpeed op build lock {lock} was left by a killed build (no process is building there): "
+                              f"remove {lock.parent} and launch again")
+        print(f"fla_ds: waiting for another process's DeepSpeed op build ({locks[0].parent})", file=sys.stderr, flush=True)
+        time.sleep(poll_s)
+    if not torch.cuda.is_available() and not list(root.glob("**/deepspeed_shm_comm*.so")):
+        print(f"fla_ds: DeepSpeed builds its CPU communication op once into {root} (about 30 s)", file=sys.stderr, flush=True)
+    return f"DeepSpeed ops: {root}"
 
 
 def init_distributed(local_rank_arg: int = -1, timeout_s: int = 1800) -> Placement:

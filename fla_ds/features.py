@@ -36,13 +36,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from fla_ds.atomic import atomic_write_json, tmp_name
 from fla_ds.augment import to_model_input
-from fla_ds.config import load_config
 from fla_ds.corpus.base import canonical_split, sha256_file
-from fla_ds.distributed import device
 from fla_ds.model import VisualEncoder
 from fla_ds.shards.build import folder_lock
 from fla_ds.shards.index import load_index, read_index
@@ -65,11 +62,13 @@ class FeatureError(ValueError):
 
 def load_encoder(step_dir: Path) -> tuple[VisualEncoder, object]:
     """The stage-1 checkpoint's encoder (eval mode: BatchNorm running statistics, so a clip's
-    features do not depend on its batch mates) and the checkpoint's config."""
-    cfg = load_config(str(step_dir / "config.yaml"))
-    encoder = VisualEncoder(out_dim=cfg.visual.out_dim, kernel_size=cfg.visual.temporal_kernel)
-    encoder.load_state_dict(load_file(str(step_dir / "encoder.safetensors")))
-    return encoder.eval().to(device()), cfg
+    features do not depend on its batch mates) and the checkpoint's config, in float32. The
+    step folder is verified first (``fla_ds.artifacts``); raises ArtifactError naming the file."""
+    from fla_ds.artifacts import verify_folder
+    from fla_ds.stage2 import load_frozen_encoder
+
+    verify_folder(step_dir)
+    return load_frozen_encoder(step_dir, torch.float32)
 
 
 def checkpoint_record(step_dir: Path) -> dict:

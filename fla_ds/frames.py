@@ -19,7 +19,7 @@ import io
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image

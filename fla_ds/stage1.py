@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from fla_ds.augment import to_model_input
 from fla_ds.config import load_config, save_resolved
@@ -46,9 +46,13 @@ def prepare_vocab(cfg, rank: int) -> Path:
     return out / "vocab.json"
 
 
-def build_translator(cfg, vocab: TrimmedVocab) -> SignTranslator:
+def build_translator(cfg, vocab: TrimmedVocab, pretrained: bool = True) -> SignTranslator:
+    """The stage-1 model the config describes; ``pretrained``: the CNN starts from the ImageNet
+    checkpoint ``visual.pretrained`` names (training). A checkpoint being loaded passes False:
+    its own weights replace these, and the file its config names need not exist (nor be read)
+    where it is loaded."""
     v, t = cfg.visual, cfg.light_t
-    encoder = VisualEncoder(out_dim=v.out_dim, kernel_size=v.temporal_kernel, pretrained=v.pretrained or None)
+    encoder = VisualEncoder(out_dim=v.out_dim, kernel_size=v.temporal_kernel, pretrained=(v.pretrained or None) if pretrained else None)
     light_t = LightT(
         in_dim=v.out_dim, vocab_size=vocab.size, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
         d_model=t.d_model, heads=t.heads, encoder_layers=t.encoder_layers, decoder_layers=t.decoder_layers,
@@ -134,11 +138,19 @@ class Translator:
 
     @classmethod
     def from_checkpoint(cls, step_dir: Path, beam_size: int = 0) -> "Translator":
+        """A stage-1 step folder, verified first (``fla_ds.artifacts``: its COMPLETE manifest,
+        ``model.safetensors`` intact and fitting the model its config builds). Raises
+        ArtifactError (one line naming the file) or ConfigError."""
+        from fla_ds.artifacts import hf_errors, load_safetensors, load_state, verify_folder
+
         step_dir = Path(step_dir)
+        verify_folder(step_dir)
         cfg = load_config(str(step_dir / "config.yaml"))
-        vocab = TrimmedVocab.load(step_dir / "vocab.json", tokenizer_path=step_dir / "tokenizer")
-        model = build_translator(cfg, vocab)
-        model.load_state_dict(load_file(str(step_dir / "model.safetensors")))
+        with hf_errors(step_dir, "the vocabulary (vocab.json, tokenizer/)"):
+            vocab = TrimmedVocab.load(step_dir / "vocab.json", tokenizer_path=step_dir / "tokenizer")
+        model = build_translator(cfg, vocab, pretrained=False)
+        weights = step_dir / "model.safetensors"
+        load_state(model, load_safetensors(weights), weights)
         return cls(model, vocab, cfg, beam_size)
 
     @torch.no_grad()

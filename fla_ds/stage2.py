@@ -20,7 +20,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from fla_ds.augment import to_model_input
 from fla_ds.checkpoint import resolve_step_dir
@@ -52,10 +51,18 @@ def batch_features(batch: dict, encoder: Optional[VisualEncoder], crop_size: int
 
 
 def load_frozen_encoder(step_dir: Path, dtype: torch.dtype) -> tuple[VisualEncoder, object]:
-    """The stage-1 encoder in eval mode (BatchNorm running statistics), without gradients."""
+    """The stage-1 encoder in eval mode (BatchNorm running statistics), without gradients, and
+    the stage-1 config, from ``step_dir`` (a stage-1 step folder, or the ``encoder/`` of a
+    stage-2 step folder or bundle); the caller verifies the folder's manifest
+    (``fla_ds.artifacts.verify_folder``). Raises ArtifactError naming ``encoder.safetensors``
+    when it is not intact safetensors or does not fit the encoder the config builds."""
+    from fla_ds.artifacts import load_safetensors, load_state
+
+    step_dir = Path(step_dir)
     enc_cfg = load_config(str(step_dir / "config.yaml"))
     encoder = VisualEncoder(out_dim=enc_cfg.visual.out_dim, kernel_size=enc_cfg.visual.temporal_kernel)
-    encoder.load_state_dict(load_file(str(step_dir / "encoder.safetensors")))
+    weights = step_dir / "encoder.safetensors"
+    load_state(encoder, load_safetensors(weights), weights)
     encoder.requires_grad_(False)
     return encoder.eval().to(device=device(), dtype=dtype), enc_cfg
 
@@ -95,7 +102,10 @@ class Stage2:
         if not s.encoder:
             raise ValueError("stage2.encoder is required: the stage-1 checkpoint (step folder or run folder)")
         self.cfg, self.rank = cfg, rank
+        from fla_ds.artifacts import verify_folder
+
         self.encoder_dir = resolve_step_dir(s.encoder)
+        verify_folder(self.encoder_dir)  # the stage-1 checkpoint is untrusted input (fla_ds.artifacts)
         self.lm_path = language_model_path(cfg)
         self.hidden_size = lm_hidden_size(self.lm_path)
         self.encoder_cfg = load_config(str(self.encoder_dir / "config.yaml"))

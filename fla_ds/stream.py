@@ -30,7 +30,10 @@ view, ``pick_view(seed, epoch, clip)``, and evaluation always reads view 0.
 from __future__ import annotations
 
 import random
+import signal
+import threading
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -287,6 +290,32 @@ class _RunReader:
 # ------------------------------------------------------------------ the loader
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader worker init: the stop signals are the rank's to act on (fla_ds.trainer.StopFlag).
+    Launchers (torchrun, the deepspeed launcher) and Slurm signal a rank's whole process group;
+    a worker that died of it would crash the rank before it could save."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextmanager
+def stop_signals_blocked():
+    """Hold the stop signals back while workers start (a signal that arrives meanwhile is
+    delivered to the rank afterwards, not to a half-started worker)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class ShardStream:
     """The batches of one split for one rank, epoch after epoch, resumable mid-epoch.
 
@@ -345,10 +374,13 @@ class ShardStream:
             # global RNG, so starting one mid-epoch (after a resume) would shift every later
             # dropout mask. Our workers need no seed: each sample seeds its own draws.
             loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=self.cfg.prefetch_factor,
-                                persistent_workers=False, generator=torch.Generator().manual_seed(self.cfg.seed))
+                                persistent_workers=False, generator=torch.Generator().manual_seed(self.cfg.seed),
+                                worker_init_fn=ignore_stop_signals)
+            with stop_signals_blocked():  # a worker inherits the mask: no signal before its init runs
+                batches_iter = iter(loader)
         else:
-            loader = dataset
-        for batch in loader:
+            batches_iter = iter(dataset)
+        for batch in batches_iter:
             if batch["step"] != self.steps_done:  # the resume guarantee rests on this order
                 raise RuntimeError(f"loader yielded step {batch['step']} where {self.steps_done} was due")
             self.steps_done += 1

@@ -5,19 +5,29 @@
     torchrun --nproc_per_node 2 fla_ds/train.py --stage 1 --config demo
     srun python fla_ds/train.py --stage 1 ...      (ranks from SLURM_PROCID/SLURM_NTASKS)
     python fla_ds/train.py --stage 1 ...           (one process)
+    python fla_ds/train.py --check --world-size 16 --stage 1 ...   (the checks only, see below)
 
 On CPU set OMP_NUM_THREADS (e.g. 1 per rank on 2 cores): ranks otherwise oversubscribe cores.
-A run continues from its newest complete checkpoint (train.resume=auto); SIGTERM or SIGUSR1
-make every rank finish its step, save and exit 0.
+Before the process group starts, every rank checks the launch (fla_ds/preflight.py): a bad
+config, DeepSpeed JSON, batch split, shard index, input folder or run folder is one
+``error:`` line and exit code 2, with nothing written. A run continues from its newest
+complete checkpoint (train.resume=auto), on any number of ranks; SIGTERM, SIGUSR1 or Ctrl-C
+make every rank finish its step (or evaluation batch), save and exit 0. A checkpoint that
+cannot be written is one line and exit code 3; the previous one stays latest.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import time
 from typing import Optional
 
 from fla_ds.config import ConfigError, load_config
+
+LAUNCH_ERROR, SAVE_ERROR, PEER_ERROR = 2, 3, 4
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -25,6 +35,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--stage", type=int, choices=[1, 2], required=True)
     parser.add_argument("--config", help="a YAML file, or the name of a config shipped in fla_ds/configs")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser.add_argument("--check", action="store_true", help="only check the launch (config, DeepSpeed JSON, batch split, "
+                                                             "shards, inputs, run folder, disk) and exit")
+    parser.add_argument("--world-size", type=int, default=0, help="with --check: the ranks the launch will have "
+                                                                   "(default: from the launcher's environment, else 1)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser.parse_intermixed_args(argv)  # key=value before and after flags
 
@@ -46,13 +60,54 @@ def setup_logging(rank: int) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s", stream=sys.stderr)
 
 
+LINGER_S = 10.0
+"""Ranks other than 0 wait this long before exiting on a launch error: a launcher stops the
+other ranks when one exits, and rank 0 must live to print the error."""
+
+
+def error(rank: int, message: str) -> None:
+    """One line on stderr, from rank 0 only (every rank finds the same problem)."""
+    if rank == 0:
+        print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(LINGER_S)
+
+
+def preflight(args, cfg) -> tuple[int, int]:
+    """(rank, world size) of this launch, after every check passed; raises LaunchError."""
+    from fla_ds.distributed import detect_placement, prepare_op_builds
+    from fla_ds.preflight import check_launch
+
+    placement = detect_placement(args.local_rank, configure=False)
+    world = args.world_size or placement.world_size
+    facts = check_launch(cfg, args.stage, world)
+    facts.append(prepare_op_builds())
+    if args.check and placement.rank == 0:
+        for fact in facts:
+            print(f"ok: {fact}")
+    return placement.rank, world
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:  # before any process group exists: nothing to clean up
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return 2
+        error(rank, str(exc))
+        return LAUNCH_ERROR
+    from fla_ds.artifacts import ArtifactError
+    from fla_ds.checkpoint import ResumeError, SaveError, enforce_weights_only
+    from fla_ds.preflight import LaunchError
+
+    enforce_weights_only()  # nothing a checkpoint holds is ever unpickled
+    try:
+        rank, _ = preflight(args, cfg)
+    except LaunchError as exc:
+        error(rank, str(exc))
+        return LAUNCH_ERROR
+    if args.check:
+        return 0
     from fla_ds.distributed import init_distributed, shutdown
     from fla_ds.trainer import Trainer
 
@@ -60,9 +115,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup_logging(placement.rank)
     try:
         code = Trainer(cfg, make_stage(args.stage, cfg, placement.rank), placement).fit()
-    finally:
-        shutdown()
+    except (SaveError, ResumeError, ArtifactError) as exc:
+        # Other ranks may wait inside DeepSpeed's collectives: leave without the shutdown
+        # barrier; they fail at once on the closed connection (or the launcher stops them).
+        # Rank 0 speaks first; another rank lingers, so that one line reports a failure that
+        # every rank met (a full shared disk), and its own line one that only it met.
+        if placement.rank != 0:
+            for sig in (signal.SIGTERM, signal.SIGINT):  # a launcher that stops us now may
+                signal.signal(sig, signal.SIG_DFL)
+            time.sleep(LINGER_S)
+        print(f"train.py: error: {exc}", file=sys.stderr, flush=True)
+        os._exit(LAUNCH_ERROR if isinstance(exc, ArtifactError) else SAVE_ERROR)
+    except RuntimeError as exc:
+        if peer_failed(exc):
+            print(f"train.py: rank {placement.rank} stopped: another rank failed (its error is above)", file=sys.stderr, flush=True)
+            os._exit(PEER_ERROR)
+        raise
+    shutdown()
     return code
+
+
+def peer_failed(exc: BaseException) -> bool:
+    """A collective broke because another process died (gloo/NCCL connection errors)."""
+    text = str(exc).lower()
+    return any(s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe", "nccl communicator was aborted",
+                                   "socket closed", "connection refused"))
 
 
 if __name__ == "__main__":

@@ -10,17 +10,24 @@ The loop divides by the token count of all ranks (one all_reduce), scaled by the
 because DeepSpeed averages gradients over ranks: every target token of the step weighs the
 same, whatever its rank or sentence length.
 
-Preemption: SIGTERM or SIGUSR1 sets a flag; ranks agree on it after every optimizer step
-(one all_reduce), save a checkpoint at that step boundary and return 0. The time from the
-signal to exit is one optimizer step plus one save.
+Preemption: SIGTERM, SIGUSR1 or a first SIGINT sets a flag; ranks agree on it after every
+optimizer step and before every evaluation batch (one all_reduce), save a checkpoint at that
+step boundary and return 0. The time from the signal to the exit is at most one optimizer step
+(or one evaluation batch) plus one save; an evaluation cut short is recorded (``eval_due``)
+and run first when the run resumes. Loader workers ignore these signals (launchers and Slurm
+signal whole process groups): only the ranks act on them.
+
+Resuming on another world size or ZeRO stage: the checkpoint is converted to DeepSpeed's
+universal format before the engine is built (fla_ds/checkpoint.py); the loader re-plans the
+epoch's remaining samples over the new layout (fla_ds/stream.py).
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -36,7 +43,7 @@ from fla_ds import checkpoint
 from fla_ds.config import save_resolved
 from fla_ds.distributed import Placement, device
 from fla_ds.runlog import RunLog
-from fla_ds.stream import ShardStream
+from fla_ds.stream import STOP_SIGNALS, ShardStream
 
 log = logging.getLogger("fla_ds")
 
@@ -149,17 +156,22 @@ def warmup_cosine(total_steps: int, warmup: int, min_ratio: float):
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1; read by every rank at the same step boundary."""
+    """Set by SIGTERM, SIGUSR1 or a first SIGINT (a second SIGINT interrupts at once, as
+    Ctrl-C twice does); read by every rank at the same points (``agreed``)."""
 
     def __init__(self):
         self.raised: Optional[str] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, _frame):
+        if signum == signal.SIGINT and self.raised == "SIGINT":
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         self.raised = signal.Signals(signum).name
 
     def agreed(self) -> bool:
+        """A collective: True on every rank when any rank got a stop signal."""
         flag = torch.tensor([1.0 if self.raised else 0.0], device=device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -175,6 +187,8 @@ class Progress:
     step: int = 0
     """Optimizer steps done."""
     best: Optional[float] = None
+    eval_due: bool = False
+    """The evaluation after the last finished epoch was cut short by a stop signal."""
 
 
 class Trainer:
@@ -187,16 +201,21 @@ class Trainer:
         seed_everything(cfg.train.seed, self.rank, cfg.train.deterministic)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved(cfg, self.run_dir)
+            if not (self.run_dir / "config.yaml").is_file():  # the run's first launch; never rewritten
+                save_resolved(cfg, self.run_dir)
+        checkpoint.remove_partials(self.run_dir)
         self.stream = ShardStream(OmegaConf.merge(cfg.stream, {"split": "train", "train": True}), self.rank, self.world)
         self.gas = accumulation_steps(cfg.train.global_batch, cfg.stream.batch_size, self.world)
         ds_config = fill_ds_config(load_ds_config(cfg.train.ds_config), cfg, self.world, stage.hidden_size)
+        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.resume_from, self.universal = self.prepare_resume()
+        if self.universal is not None:
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         model = stage.build(ds_config)
         self.total_steps = self.planned_steps()
         optimizer = build_optimizer(stage.param_groups(model), cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        checkpoint.install_safe_loading(self.engine)
         self.progress = Progress()
         self.stop = StopFlag()
         self.log = RunLog(self.run_dir, self.rank, cfg.train.tensorboard, total_steps=self.total_steps)
@@ -210,21 +229,49 @@ class Trainer:
 
     # -------------------------------------------------------------- resume and save
 
-    def resume(self) -> None:
+    def prepare_resume(self) -> tuple[Optional[Path], Optional[Path]]:
+        """The checkpoint to resume from (None: a fresh run) and, when it was written by another
+        world size or ZeRO stage, its universal copy (rank 0 converts; the others wait)."""
         choice = self.cfg.train.resume
         if choice == "none":
-            return
+            return None, None
         step_dir = Path(choice) if choice != "auto" else checkpoint.choose_resume(self.run_dir, self.cfg.train.verify_checkpoints)
         if step_dir is None:
+            return None, None
+        world, zero = checkpoint.saved_layout(step_dir)
+        if (world, zero) == (self.world, self.zero_stage):
+            return step_dir, None
+        log.info("%s was written by %d ranks with ZeRO-%d, this run has %d with ZeRO-%d: converting it to DeepSpeed's "
+                 "universal checkpoint", step_dir, world, zero, self.world, self.zero_stage)
+        problem = [None]
+        universal = self.run_dir / f".universal-{step_dir.name}"
+        if self.rank == 0:
+            try:
+                checkpoint.universal_copy(step_dir, self.run_dir)
+            except checkpoint.ResumeError as exc:
+                problem[0] = str(exc)
+        if dist.is_initialized():
+            dist.broadcast_object_list(problem, src=0)
+        if problem[0]:
+            raise checkpoint.ResumeError(problem[0])
+        return step_dir, universal
+
+    def resume(self) -> None:
+        if self.resume_from is None:
             return
-        state = checkpoint.load_checkpoint(self.engine, step_dir)
+        state = checkpoint.load_checkpoint(self.engine, self.resume_from, self.universal)
         self.stream.load_state_dict(state["loader"])
-        self.progress = Progress(state["epoch"], state["step"], state.get("best"))
-        log.info("resumed from %s at epoch %d, step %d", step_dir, self.progress.epoch, self.progress.step)
+        self.progress = Progress(state["epoch"], state["step"], state.get("best"), bool(state.get("eval_due")))
+        if self.universal is not None:
+            checkpoint.barrier()  # every rank has read the converted copy
+            if self.rank == 0:
+                shutil.rmtree(self.universal, ignore_errors=True)
+        log.info("resumed from %s at epoch %d, step %d", self.resume_from, self.progress.epoch, self.progress.step)
 
     def save(self, metrics: Optional[dict] = None) -> Path:
         p = self.progress
-        state = {"epoch": p.epoch, "step": p.step, "best": p.best, "loader": self.stream.state_dict(), "metrics": metrics or {}}
+        state = {"epoch": p.epoch, "step": p.step, "best": p.best, "eval_due": p.eval_due, "loader": self.stream.state_dict(),
+                 "metrics": metrics or {}, "world_size": self.world, "zero_stage": self.zero_stage}
         step_dir = checkpoint.save_checkpoint(self.engine, self.run_dir, p.step, state, lambda d: self.stage.export(self.engine, d))
         self.log.event("checkpoint", step=p.step, path=str(step_dir))
         return step_dir
@@ -242,18 +289,30 @@ class Trainer:
         return float(loss_sum.detach()) / max(1.0, float(n_tokens)), int(n_tokens)
 
     def evaluate(self) -> dict:
+        """Decode dev on every rank; raises EvaluationInterrupted when a stop is agreed."""
         from fla_ds.evaluate.run import evaluate_split
 
         out_dir = self.run_dir / "eval" / f"step-{self.progress.step}"
         self.engine.eval()
         try:
-            return evaluate_split(lambda batch: self.stage.translate(self.engine, batch), self.cfg, self.rank, self.world, out_dir)
+            return evaluate_split(lambda batch: self.stage.translate(self.engine, batch), self.cfg, self.rank, self.world, out_dir,
+                                  should_stop=self.stop.agreed)
         finally:
             self.engine.train()
 
-    def after_epoch(self) -> None:
-        """Evaluate on dev, save, keep the best by dev BLEU-4, prune old checkpoints."""
-        metrics = self.evaluate()
+    def after_epoch(self) -> str:
+        """Evaluate on dev, save, keep the best by dev BLEU-4, prune old checkpoints. Returns
+        'preempted' when a stop signal cut the evaluation short (saved, with eval_due)."""
+        from fla_ds.evaluate.run import EvaluationInterrupted
+
+        try:
+            metrics = self.evaluate()
+        except EvaluationInterrupted:
+            self.progress.eval_due = True
+            self.save()
+            self.log.event("preempted", step=self.progress.step, signal=self.stop.raised or "another rank", during="evaluation")
+            return "preempted"
+        self.progress.eval_due = False
         self.log.event("eval", step=self.progress.step, epoch=self.progress.epoch, **{k: v for k, v in metrics.items() if not isinstance(v, str)})
         bleu4 = metrics.get("bleu4")
         step_dir = self.save(metrics)
@@ -261,6 +320,7 @@ class Trainer:
             self.progress.best = bleu4
             checkpoint.mark_best(self.run_dir, step_dir, "dev bleu4", bleu4)
         checkpoint.prune(self.run_dir, self.cfg.train.keep_last)
+        return "saved"
 
     def done(self) -> bool:
         return self.progress.step >= self.total_steps
@@ -286,23 +346,35 @@ class Trainer:
                               samples_per_s=samples / seconds, tokens_per_s=tokens / seconds)
                 started, samples, tokens, losses = time.perf_counter(), 0, 0, []
             if self.stop.agreed():
+                return self.preempted()
+            last = self.stream.steps_done >= usable or self.done()  # the epoch's end saves this step
+            if cfg.save_every and p.step % cfg.save_every == 0 and not last:
                 self.save()
-                self.log.event("preempted", step=p.step, signal=self.stop.raised or "another rank")
-                return "preempted"
-            if cfg.save_every and p.step % cfg.save_every == 0:
-                self.save()
-            if cfg.eval_every and p.step % cfg.eval_every == 0:
-                self.log.event("eval", step=p.step, **self.evaluate())
+            if cfg.eval_every and p.step % cfg.eval_every == 0 and not last:
+                from fla_ds.evaluate.run import EvaluationInterrupted
+
+                try:
+                    self.log.event("eval", step=p.step, **self.evaluate())
+                except EvaluationInterrupted:
+                    return self.preempted()
             if self.stream.steps_done >= usable:
                 break
             if self.done():
                 return "budget"
         return "epoch"
 
+    def preempted(self) -> str:
+        self.save()
+        self.log.event("preempted", step=self.progress.step, signal=self.stop.raised or "another rank")
+        return "preempted"
+
     def fit(self) -> int:
         self.resume()
         p = self.progress
         self.engine.train()
+        if p.eval_due and self.after_epoch() == "preempted":  # the evaluation a stop cut short
+            self.log.close()
+            return 0
         while not self.done() and p.epoch < self.cfg.train.epochs:
             self.stream.set_epoch(p.epoch)
             outcome = self.run_epoch()
@@ -311,6 +383,7 @@ class Trainer:
             if outcome == "epoch":
                 p.epoch += 1
                 self.stream.set_epoch(p.epoch)  # the checkpoint resumes at the next epoch's start
-            self.after_epoch()
+            if self.after_epoch() == "preempted":
+                break
         self.log.close()
         return 0

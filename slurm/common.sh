@@ -72,33 +72,32 @@ fla_ds_train_args() {
 }
 
 fla_ds_check_config() {
-    # fla_ds_check_config RANKS [train.py arguments...]: prints the run folder (train.out)
-    # after checking the config and that the global batch splits over RANKS: a mistake fails
-    # here in a second (exit 2), not after every node loaded its model.
-    FLA_DS_WORLD=$1 "$FLA_DS_PYTHON" - "${@:2}" <<'EOF'
-import os
+    # fla_ds_check_config RANKS [train.py arguments...]: runs train.py's checks for a launch of
+    # RANKS ranks (config, DeepSpeed JSON, batch split, shards, inputs, run folder, disk; see
+    # fla_ds/preflight.py), then prints the run folder (train.out). A mistake fails here in
+    # seconds (one error line, exit 2), not after every node loaded its model.
+    "$FLA_DS_PYTHON" "$FLA_DS_ROOT/fla_ds/train.py" --check --world-size "$1" "${@:2}" >&2 || return 2
+    "$FLA_DS_PYTHON" - "${@:2}" <<'EOF'
 import sys
 
-from fla_ds.config import ConfigError, load_config
+from fla_ds.config import load_config
 from fla_ds.train import parse_args
 
 args = parse_args(sys.argv[1:])
-try:
-    cfg = load_config(args.config, args.overrides)
-except ConfigError as exc:
-    sys.exit(f"fla_ds: error: {exc}")
-world, micro, total = int(os.environ["FLA_DS_WORLD"]), cfg.stream.batch_size, cfg.train.global_batch
-if total % (micro * world):
-    sys.exit(f"fla_ds: error: train.global_batch={total} is not a multiple of stream.batch_size x ranks = {micro} x {world}: "
-             f"e.g. train.global_batch={max(1, round(total / (micro * world))) * micro * world}, or a smaller stream.batch_size")
-print(cfg.train.out)
+print(load_config(args.config, args.overrides).train.out)
 EOF
 }
 
 fla_ds_was_preempted() {
-    # The run's last record says it stopped on a signal, after saving: there is more to do.
+    # fla_ds_was_preempted RUN [LINES]: the run's last record says it stopped on a signal,
+    # after saving (there is more to do), and was written after the log's first LINES lines
+    # (by this job's step, not an earlier one).
     local log="$1/metrics.jsonl"
-    [ -f "$log" ] && tail -n 1 "$log" | grep -Eq '"event": *"preempted"'
+    [ -f "$log" ] && [ "$(wc -l < "$log")" -gt "${2:-0}" ] && tail -n 1 "$log" | grep -Eq '"event": *"preempted"'
+}
+
+fla_ds_log_lines() {
+    if [ -f "$1/metrics.jsonl" ]; then wc -l < "$1/metrics.jsonl"; else echo 0; fi
 }
 
 # ---------------------------------------------------------------- signals
@@ -173,6 +172,8 @@ fla_ds_train() {
     FLA_DS_MASTER_ADDR=$(fla_ds_master_addr)
     FLA_DS_MASTER_PORT=$(fla_ds_master_port)
     export FLA_DS_NPROC FLA_DS_MASTER_ADDR FLA_DS_MASTER_PORT
+    local lines_before
+    lines_before=$(fla_ds_log_lines "$run_dir")
     echo "fla_ds: stage $stage, $SLURM_NNODES nodes x $FLA_DS_NPROC processes, master $FLA_DS_MASTER_ADDR:$FLA_DS_MASTER_PORT, run $run_dir"
 
     # One task per node, each a torchrun that starts the node's ranks. srun needs
@@ -190,10 +191,18 @@ fla_ds_train() {
         fla-ds-node "$FLA_DS_ROOT/fla_ds/train.py" --stage "$stage" "${FLA_DS_ARGS[@]}"
     rc=$?
     echo "fla_ds: training step ended with exit code $rc at $(date '+%F %T')"
+    if [ -z "$FLA_DS_GOT_USR1" ] && fla_ds_was_preempted "$run_dir" "$lines_before"; then
+        # The training processes were signalled directly (scancel --signal=TERM, preemption):
+        # every rank saved at a step boundary and exited 0; torchrun itself dies of SIGTERM
+        # (exit 1, its traceback above), which is not a failure of training.
+        rc=0
+        echo "fla_ds: training stopped at a checkpoint before its end; to continue: scontrol requeue $SLURM_JOB_ID," \
+             "or submit the same command again (any number of nodes)"
+    fi
     if [ "$rc" -ne 0 ] || [ -z "$FLA_DS_GOT_USR1" ] || [ -n "$FLA_DS_GOT_TERM" ]; then
         return "$rc"
     fi
-    if ! fla_ds_was_preempted "$run_dir"; then
+    if ! fla_ds_was_preempted "$run_dir" "$lines_before"; then
         echo "fla_ds: training had finished before the stop request: not requeued"
         return 0
     fi

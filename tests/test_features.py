@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fla_ds.artifacts import write_manifest
 from fla_ds.augment import to_model_input
 from fla_ds.config import load_config, save_resolved
 from fla_ds.corpus.base import sha256_file
@@ -45,6 +46,7 @@ def assets(tmp_path_factory) -> dict:
     encoder = VisualEncoder(out_dim=16)
     save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(step / "encoder.safetensors"))
     save_resolved(load_config(None, ["visual.out_dim=16", "stream.crop_size=28", "stream.keep_ratio=0.1", "stream.max_frames=6"]), step)
+    write_manifest(step)  # a step folder is complete only with its manifest (fla_ds.artifacts)
     out = root / "cache"
     entries = {
         "dev": extract_features(step, shards, out, split="dev", batch_size=4, num_workers=0),

@@ -88,13 +88,15 @@ def test_overrides_from_the_environment_and_the_command_line_go_last():
     assert out.splitlines() == ["--config", "demo", "--stage", "1", "a=1", "z=0", "b=2", "c=x y"]
 
 
-def test_the_config_and_the_batch_split_are_checked_before_launch():
-    run = bash("fla_ds_check_config 2 --stage 1 stream.batch_size=4 train.out=runs/x", FLA_DS_PYTHON=sys.executable)
-    assert run.strip() == "runs/x"
+def test_the_config_and_the_batch_split_are_checked_before_launch(assets, tmp_path):
+    inputs = f"stream.shards={assets['shards']} train.tokenizer={assets['tokenizer']}"
+    run = bash(f"fla_ds_check_config 2 --stage 1 {inputs} stream.batch_size=4 train.out={tmp_path / 'x'}", FLA_DS_PYTHON=sys.executable,
+               FLA_DS_ROOT=str(ROOT))
+    assert run.strip() == str(tmp_path / "x")
     for ranks, override, message in [(16, "train.out=x", "train.global_batch=8 is not a multiple of stream.batch_size x ranks = 8 x 16"),
                                      (1, "train.lrr=1", "did you mean 'train.lr'")]:
-        proc = subprocess.run(["bash", "-c", f'source "{SLURM}/common.sh"; fla_ds_check_config {ranks} --stage 1 {override}'],
-                              capture_output=True, text=True, timeout=60, env=dict(os.environ, FLA_DS_PYTHON=sys.executable))
+        proc = subprocess.run(["bash", "-c", f'source "{SLURM}/common.sh"; fla_ds_check_config {ranks} --stage 1 {inputs} {override}'],
+                              capture_output=True, text=True, timeout=60, env=dict(os.environ, FLA_DS_PYTHON=sys.executable, FLA_DS_ROOT=str(ROOT)))
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
 
 
@@ -153,6 +155,34 @@ def test_preempted_job_saves_requeues_itself_and_resumes(slurm_cluster, assets, 
     assert "restart 0" in text and "restart 1" in text
     assert f"requeueing job {job}" in text
     assert re.search(rf"resumed from \S*step-{stopped} at epoch \d+, step {stopped}", text), text[-3000:]
+    assert check_complete(run / "step-18", hashes=True) is None
+
+
+def test_sigterm_to_the_job_steps_then_a_requeue_on_one_node_finishes_the_curve(slurm_cluster, assets, tmp_path):
+    """Preemption as the scheduler does it (SIGTERM to every process of the step: torchrun,
+    ranks, loader workers), then the job back on fewer nodes: it resumes from the checkpoint
+    on 1 rank (DeepSpeed's universal checkpoint) and finishes every step once."""
+    job = submit_stage1(slurm_cluster, assets, tmp_path, "train.epochs=3", "train.max_steps=18")
+    run, log = tmp_path / "run", tmp_path / f"fla-stage1-{job}.out"
+    deadline = time.monotonic() + 240
+    while not ((run / "metrics.jsonl").is_file() and step_records(run)[-1:] >= [2]):
+        assert time.monotonic() < deadline and slurm_cluster.in_queue(job), "no step 2 in time" + explain(slurm_cluster, log)
+        time.sleep(0.2)
+    slurm_cluster.cmd(["scancel", "--signal=TERM", job])
+    record = slurm_cluster.wait_done(job, timeout=300)
+    assert record["ExitCode"] == "0:0", explain(slurm_cluster, log)
+    stops = [r["step"] for r in records(run) if r.get("event") == "preempted"]
+    assert len(stops) == 1 and stops[0] < 18, explain(slurm_cluster, log)
+    assert "training stopped at a checkpoint before its end" in log.read_text()
+
+    slurm_cluster.cmd(["scontrol", "requeuehold", job])
+    slurm_cluster.cmd(["scontrol", "update", f"JobId={job}", "NumNodes=1", "NumTasks=1", "NumCPUs=1"])
+    slurm_cluster.cmd(["scontrol", "release", job])
+    record = slurm_cluster.wait_done(job, timeout=400)
+    text = log.read_text()
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", explain(slurm_cluster, log)
+    assert "1 nodes x 1 processes" in text and "written by 2 ranks" in text, text[-3000:]
+    assert step_records(run) == list(range(1, 19))
     assert check_complete(run / "step-18", hashes=True) is None
 
 

@@ -81,10 +81,15 @@ def test_qlora_zero3_two_ranks_trains_generates_saves_and_resumes(assets, tmp_pa
     proc = subprocess.run([sys.executable, "-c", RELOAD, str(final), str(assets["features"])], env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
-    # A longer budget continues from the checkpoint.
-    proc = run(stage2_cmd(assets, out, 2, *common, "train.max_steps=14"))
-    assert "resumed from" in proc.stderr and (out / "step-14" / "COMPLETE").is_file()
-    assert sorted(losses(out)) == list(range(1, 15))
+    # A longer budget continues from the checkpoint, on one rank (a requeue on fewer nodes):
+    # the ZeRO-3 QLoRA state goes through DeepSpeed's universal checkpoint conversion.
+    before = losses(out)
+    proc = run(stage2_cmd(assets, out, 1, *common, "train.max_steps=14"))
+    assert "written by 2 ranks with ZeRO-3" in proc.stderr and "resumed from" in proc.stderr
+    assert (out / "step-14" / "COMPLETE").is_file()
+    after = losses(out)
+    assert sorted(after) == list(range(1, 15))
+    assert max(after[13], after[14]) < 0.8 * (before[1] + before[2]) / 2, after  # the curve continues, not restarts
 
 
 def test_export_and_translate_a_video(assets, tmp_path):

@@ -4,7 +4,6 @@ which frames came out, which way up, and at what size, against what the ffmpeg C
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest

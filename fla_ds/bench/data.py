@@ -87,7 +87,6 @@ def bench_png_folders(manifest: Path, clips: int, cfg) -> float:
 def bench_device_step(shards: Path, cfg) -> float:
     """Seconds per clip of the warp + normalisation that runs on the training device (here on
     the CPU, so an upper bound; on a GPU it is negligible)."""
-    import torch
     from omegaconf import OmegaConf
 
     from fla_ds.stream import ShardStream

@@ -9,7 +9,7 @@ Used by training (dev after each epoch), by ``fla-ds evaluate`` and by stage 2.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch.distributed as dist
 from omegaconf import OmegaConf
@@ -19,10 +19,19 @@ from fla_ds.evaluate.metrics import score
 from fla_ds.stream import ShardStream
 
 
-def decode_split(translate: Callable[[dict], list[str]], stream: ShardStream) -> list[tuple[str, str, str]]:
-    """(id, hypothesis, reference) of this rank's valid samples."""
+class EvaluationInterrupted(Exception):
+    """Every rank agreed to stop (a preemption signal) in the middle of an evaluation."""
+
+
+def decode_split(translate: Callable[[dict], list[str]], stream: ShardStream,
+                 should_stop: Optional[Callable[[], bool]] = None) -> list[tuple[str, str, str]]:
+    """(id, hypothesis, reference) of this rank's valid samples. ``should_stop`` (a collective:
+    every rank has the same number of batches) is asked before each batch; raises
+    EvaluationInterrupted when it says so."""
     rows = []
     for batch in stream:
+        if should_stop is not None and should_stop():
+            raise EvaluationInterrupted()
         hyps = translate(batch)
         for sample_id, hyp, ref, valid in zip(batch["id"], hyps, batch["text"], batch["valid"].tolist()):
             if valid:
@@ -44,11 +53,13 @@ def write_results(out_dir: Path, rows: list[tuple[str, str, str]], metrics: dict
     atomic_write_json(out_dir / "metrics.json", metrics)
 
 
-def evaluate_split(translate: Callable[[dict], list[str]], cfg, rank: int, world: int, out_dir: Path, split: str = "") -> dict:
-    """Decode ``split`` (default: train.eval_split) of ``cfg.stream.shards`` and score it."""
+def evaluate_split(translate: Callable[[dict], list[str]], cfg, rank: int, world: int, out_dir: Path, split: str = "",
+                   should_stop: Optional[Callable[[], bool]] = None) -> dict:
+    """Decode ``split`` (default: train.eval_split) of ``cfg.stream.shards`` and score it.
+    Raises EvaluationInterrupted (see decode_split)."""
     stream_cfg = OmegaConf.merge(cfg.stream, {"split": split or cfg.train.eval_split, "train": False})
     stream = ShardStream(stream_cfg, rank, world, limit=cfg.train.eval_limit)
-    rows = sorted(gather_rows(decode_split(translate, stream)))
+    rows = sorted(gather_rows(decode_split(translate, stream, should_stop)))
     metrics = score([h for _, h, _ in rows], [r for _, _, r in rows], level=cfg.eval.level, phoenix_period=cfg.eval.phoenix_period) if rows else {"n": 0}
     if rank == 0:
         write_results(out_dir, rows, metrics)

@@ -96,16 +96,24 @@ def load_generation_tokenizer(path: str | os.PathLike):
     return tokenizer
 
 
-def load_base(path: str | os.PathLike, qlora: bool, dtype: torch.dtype, device_map=None):
-    """The causal LM from a local folder, in 4-bit NF4 when ``qlora``; repacking turned off."""
+def load_base(path: str | os.PathLike, qlora: bool, dtype: torch.dtype, device_map=None, artifact: bool = False):
+    """The causal LM from a local folder, in 4-bit NF4 when ``qlora``; repacking turned off.
+    ``artifact``: the folder is a trained artifact (a bundle's merged ``model/``), loaded
+    through ``fla_ds.artifacts.load_pretrained`` (safetensors only, every weight present and
+    fitting; raises ArtifactError); otherwise a pre-trained model, as Hugging Face loads it."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"local_files_only": True, "dtype": dtype}
+    kwargs = {"dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
     if qlora:
         kwargs["quantization_config"] = nf4_config(dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if artifact:
+        from fla_ds.artifacts import load_pretrained
+
+        model = load_pretrained(AutoModelForCausalLM, path, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
     fixed = keep_4bit_weights_unpacked(model)
     if qlora and fixed == 0:
         raise RuntimeError(f"{path} loaded in 4-bit but holds no bitsandbytes Linear4bit layer")
@@ -177,11 +185,13 @@ def save_adapter(model, folder: str | os.PathLike, state_dict: Optional[dict] = 
 
 def load_for_inference(base_path: str | os.PathLike, adapter_folder: str | os.PathLike, qlora: bool = True, dtype: torch.dtype = torch.bfloat16):
     """(peft model in eval mode, tokenizer): the base as in training (4-bit when ``qlora``,
-    every other weight in ``dtype``) with the saved adapter, frozen. No DeepSpeed needed."""
-    from peft import PeftModel
+    every other weight in ``dtype``) with the saved adapter, frozen. No DeepSpeed needed.
+    The adapter is checked before the base loads (``fla_ds.artifacts.load_adapter``: safetensors
+    only, every tensor present and of the shape its config gives); raises ArtifactError."""
+    from fla_ds.artifacts import load_adapter
 
     tokenizer = load_generation_tokenizer(base_path)
-    model = PeftModel.from_pretrained(load_base(base_path, qlora, dtype), str(adapter_folder), autocast_adapter_dtype=False)
+    model = load_adapter(base_path, adapter_folder, lambda: load_base(base_path, qlora, dtype), autocast_adapter_dtype=False)
     cast_floating_params(model, dtype)  # the same dtypes as in training, so the same outputs
     return model.eval(), tokenizer
 

@@ -29,13 +29,22 @@ SPECIAL_CONFIG_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_s
 """Token ids a config or generation config may hold, remapped when the vocabulary is trimmed."""
 
 
-def load_encoder_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+def load_encoder_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32, artifact: bool = False):
     """(MBartForConditionalGeneration, tokenizer) from a local folder. Under ZeRO-3 create
-    ``HfDeepSpeedConfig`` before calling (as for the decoder-only backend)."""
+    ``HfDeepSpeedConfig`` before calling (as for the decoder-only backend). ``artifact``: the
+    folder is a trained artifact (a stage-2 ``mbart/``), loaded through
+    ``fla_ds.artifacts.load_pretrained`` (safetensors only, every weight present and fitting;
+    raises ArtifactError naming the folder or file)."""
     from transformers import AutoTokenizer, MBartForConditionalGeneration
 
-    model = MBartForConditionalGeneration.from_pretrained(str(path), local_files_only=True, dtype=dtype)
-    return model, AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if not artifact:
+        model = MBartForConditionalGeneration.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+        return model, AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    from fla_ds.artifacts import hf_errors, load_pretrained
+
+    model = load_pretrained(MBartForConditionalGeneration, path, dtype=dtype)
+    with hf_errors(path, "the tokenizer"):
+        return model, AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 # ------------------------------------------------------------------------------ trimmed vocabulary

@@ -17,6 +17,9 @@ import torch.nn as nn
 
 WEIGHTS_NAME = "projector.safetensors"
 CONFIG_NAME = "projector.json"
+MAX_WIDTH = 1 << 16
+"""Widths a saved projector config may give (a hostile one could otherwise ask for any
+amount of memory before its weights are even read)."""
 
 
 class Projector(nn.Module):
@@ -54,9 +57,18 @@ class Projector(nn.Module):
 
     @classmethod
     def load(cls, folder: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> "Projector":
-        from safetensors.torch import load_file
+        """The projector saved in ``folder`` (a trained artifact: the caller verified the
+        folder's manifest). Raises ArtifactError naming the file: ``projector.json`` not
+        {in_dim, out_dim, hidden} as sizes, ``projector.safetensors`` not intact safetensors
+        or not fitting the sizes."""
+        from fla_ds.artifacts import ArtifactError, load_safetensors, load_state, read_json
 
         folder = Path(folder)
-        projector = cls(**json.loads((folder / CONFIG_NAME).read_text("utf-8")))
-        projector.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
+        config = read_json(folder / CONFIG_NAME)
+        if (not isinstance(config, dict) or set(config) != {"in_dim", "out_dim", "hidden"}
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_WIDTH for v in config.values())):
+            raise ArtifactError(f"{folder / CONFIG_NAME}: not {{in_dim, out_dim, hidden}} as sizes from 1 to {MAX_WIDTH}")
+        projector = cls(**config)
+        weights = folder / WEIGHTS_NAME
+        load_state(projector, load_safetensors(weights), weights)
         return projector.to(dtype) if dtype is not None else projector
