@@ -277,11 +277,12 @@ def _known_errors() -> tuple[type, ...]:
     from fla_ds.artifacts import ArtifactError
     from fla_ds.corpus.base import CorpusError
     from fla_ds.frames import SampleError
+    from fla_ds.preflight import LaunchError
     from fla_ds.shards.build import BuildError
     from fla_ds.shards.format import ShardFormatError
     from fla_ds.shards.index import IndexFormatError
 
-    return (ConfigError, UsageError, CorpusError, BuildError, ShardFormatError, IndexFormatError, SampleError, ArtifactError)
+    return (ConfigError, UsageError, CorpusError, BuildError, ShardFormatError, IndexFormatError, SampleError, ArtifactError, LaunchError)
 
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:

@@ -142,6 +142,7 @@ def init_distributed(local_rank_arg: int = -1, timeout_s: int = 1800) -> Placeme
     """Set the rank variables DeepSpeed reads, pick the device and start the process group."""
     import deepspeed
 
+    prepare_op_builds()  # DeepSpeed builds its CPU op inside init_distributed: never wait forever on it
     placement = detect_placement(local_rank_arg)
     os.environ.update(RANK=str(placement.rank), LOCAL_RANK=str(placement.local_rank), WORLD_SIZE=str(placement.world_size))
     backend = "nccl" if torch.cuda.is_available() else "gloo"

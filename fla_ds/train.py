@@ -118,13 +118,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (SaveError, ResumeError, ArtifactError) as exc:
         # Other ranks may wait inside DeepSpeed's collectives: leave without the shutdown
         # barrier; they fail at once on the closed connection (or the launcher stops them).
-        # Rank 0 speaks first; another rank lingers, so that one line reports a failure that
-        # every rank met (a full shared disk), and its own line one that only it met.
-        if placement.rank != 0:
-            for sig in (signal.SIGTERM, signal.SIGINT):  # a launcher that stops us now may
-                signal.signal(sig, signal.SIG_DFL)
-            time.sleep(LINGER_S)
-        print(f"train.py: error: {exc}", file=sys.stderr, flush=True)
+        if placement.rank == 0 or linger_unstopped():
+            print(f"train.py: error: {exc}", file=sys.stderr, flush=True)
         os._exit(LAUNCH_ERROR if isinstance(exc, ArtifactError) else SAVE_ERROR)
     except RuntimeError as exc:
         if peer_failed(exc):
@@ -133,6 +128,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise
     shutdown()
     return code
+
+
+def linger_unstopped() -> bool:
+    """A rank other than 0 that failed: wait LINGER_S for the launcher to stop it (rank 0 met
+    the same failure and reported it: one line for a failure every rank met, a full shared
+    disk); True when nobody did, and this rank's own error must be printed."""
+    import threading
+
+    from fla_ds.trainer import StopFlag
+
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, lambda *_: stopped.set())
+    if StopFlag.received is None:
+        stopped.wait(LINGER_S)
+    return not stopped.is_set() and StopFlag.received is None
 
 
 def peer_failed(exc: BaseException) -> bool:

@@ -157,7 +157,10 @@ def warmup_cosine(total_steps: int, warmup: int, min_ratio: float):
 
 class StopFlag:
     """Set by SIGTERM, SIGUSR1 or a first SIGINT (a second SIGINT interrupts at once, as
-    Ctrl-C twice does); read by every rank at the same points (``agreed``)."""
+    Ctrl-C twice does); read by every rank at the same points (``agreed``). ``received`` (on
+    the class) is the last stop signal this process got, for the error path of train.py."""
+
+    received: Optional[str] = None
 
     def __init__(self):
         self.raised: Optional[str] = None
@@ -168,7 +171,7 @@ class StopFlag:
         if signum == signal.SIGINT and self.raised == "SIGINT":
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
-        self.raised = signal.Signals(signum).name
+        self.raised = StopFlag.received = signal.Signals(signum).name
 
     def agreed(self) -> bool:
         """A collective: True on every rank when any rank got a stop signal."""
