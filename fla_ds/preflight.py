@@ -93,8 +93,11 @@ def check_stage1_inputs(cfg) -> list[str]:
 
 
 def check_stage2_inputs(cfg) -> list[str]:
-    from fla_ds.artifacts import ArtifactError, check_safetensors, verify_folder
+    import torch
+
+    from fla_ds.artifacts import ArtifactError, verify_folder
     from fla_ds.checkpoint import resolve_step_dir
+    from fla_ds.stage2 import load_frozen_encoder
 
     s = cfg.stage2
     if not s.encoder:
@@ -103,14 +106,11 @@ def check_stage2_inputs(cfg) -> list[str]:
         encoder = resolve_step_dir(s.encoder)
     except FileNotFoundError as exc:
         raise LaunchError(f"stage2.encoder: {exc}") from None
-    for name in ("encoder.safetensors", "config.yaml"):
-        if not (encoder / name).is_file():
-            raise LaunchError(f"stage2.encoder: {encoder} has no {name} (not a stage-1 checkpoint)")
     try:
         verify_folder(encoder)  # the manifest, every file's size and sha256 (fla_ds.artifacts)
-        check_safetensors(encoder / "encoder.safetensors")
+        load_frozen_encoder(encoder, torch.float32)  # safetensors, and the shapes its config builds
     except ArtifactError as exc:
-        raise LaunchError(f"stage2.encoder: {exc}") from None
+        raise LaunchError(str(exc)) from None  # names the file
     facts = [f"encoder: {encoder}"]
     if s.model:
         model = Path(s.model)

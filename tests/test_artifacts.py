@@ -200,19 +200,12 @@ def cli(args: list[str]):
 
 
 def stage2_training(folder: Path, assets: dict, tmp_path: Path) -> int:
-    """Stage 2's start (train.py): the stage-1 encoder verified and loaded; the trainer's own
-    handling of the error belongs to train.py, so this reports as fla-ds would."""
-    from fla_ds.config import load_config
-    from fla_ds.stage2 import Stage2
+    """Stage 2's launch (train.py): the stage-1 encoder is verified and loaded by the launch
+    checks, before any process group or file exists."""
+    from fla_ds.train import main as train_main
 
-    cfg = load_config(None, [f"stage2.encoder={folder}", f"stage2.model={assets['llama']}", f"train.out={tmp_path / 'run'}",
-                             f"stream.shards={assets['shards']}", *TINY_STAGE2])
-    try:
-        Stage2(cfg, 0).build({})
-    except ArtifactError as exc:
-        print(f"fla-ds: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return train_main(["--stage", "2", f"stage2.encoder={folder}", f"stage2.model={assets['llama']}", f"train.out={tmp_path / 'out' / 'run'}",
+                       f"stream.shards={assets['shards']}", *TINY_STAGE2])
 
 
 EVALUATE = cli(["evaluate", "--checkpoint", "FOLDER", "--shards", "SHARDS", "--split", "dev", "--limit", "2", "--beam", "1"])
@@ -246,7 +239,8 @@ def test_a_hostile_file_is_one_line_exit_2_and_never_unpickled(assets, tmp_path,
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith(f"fla-ds: error: {bad}: "), lines[0]
+    prefix = "train.py" if entry == "stage2-training" else "fla-ds"
+    assert lines[0].startswith(f"{prefix}: error: {bad}: "), lines[0]
     assert KINDS[kind] in lines[0], lines[0]
     assert "weights_only" not in err
     assert not marker.exists(), "a file was unpickled"
