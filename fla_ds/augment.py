@@ -1,4 +1,8 @@
-"""Per-clip sampling and augmentation, and collation: what the loader does to each sample.
+"""Per-clip sampling and augmentation: what turns a stored clip into the model's input.
+
+``Augment`` (built from the config's ``augment`` section) is the one object that does it; the
+loader calls its CPU half per clip, the stages call ``model_input`` on the device, and its
+``fingerprint`` identifies the inputs a feature cache was computed from.
 
 Temporal: keep ``keep_ratio`` of the frames (the paper's T/4). Training draws a random offset
 and jitters each kept frame by up to ``stride_jitter`` of the stride; evaluation takes the
@@ -79,18 +83,6 @@ def train_crop(width: int, height: int, crop_fraction: float, rng: random.Random
     return (left, top, left + canvas, top + canvas), theta
 
 
-def collate_clips(videos: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad (T, H, W, 3) uint8 clips to the longest: (B, T, H, W, 3) and a (B, T) mask, True on
-    real frames."""
-    lengths = torch.tensor([v.shape[0] for v in videos])
-    t_max = int(lengths.max())
-    out = torch.zeros((len(videos), t_max, *videos[0].shape[1:]), dtype=torch.uint8)
-    for i, v in enumerate(videos):
-        out[i, : v.shape[0]] = torch.from_numpy(v)
-    mask = torch.arange(t_max)[None, :] < lengths[:, None]
-    return out, mask
-
-
 def to_model_input(video: torch.Tensor, crop_size: int, affine: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (B, T, H, W, 3) on the device -> normalised (B, T, 3, S, S) float: the training
     warp (``affine``: (B, 2, 3), one per clip), a resize where frames are not S x S, and
@@ -106,3 +98,43 @@ def to_model_input(video: torch.Tensor, crop_size: int, affine: Optional[torch.T
     mean = torch.tensor(IMAGENET_MEAN, device=video.device, dtype=dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=video.device, dtype=dtype).view(1, 3, 1, 1)
     return ((x - mean) / std).reshape(b, t, 3, crop_size, crop_size)
+
+
+class Augment:
+    """What turns a stored clip into model input, from an ``augment`` config section
+    (fla_ds/config.py: AugmentConfig): T/4 frame sampling, the crop, the training warp, the
+    resize to ``crop_size`` and ImageNet normalisation. A new augmentation is a field there and
+    a step here; the feature cache's fingerprint follows (``fingerprint``).
+
+    The CPU half (``frame_indices``, ``crop``) runs in loader workers per clip with a random
+    generator seeded per sample; the device half (``model_input``) runs batched on the training
+    device (a PIL warp per frame would cost 3-4x the JPEG decode; docs/benchmarks.md)."""
+
+    def __init__(self, section):
+        from omegaconf import OmegaConf
+
+        self.settings = dict(OmegaConf.to_container(section, resolve=True)) if OmegaConf.is_config(section) else dict(vars(section))
+        for name, value in self.settings.items():
+            setattr(self, name, value)
+
+    def fingerprint(self) -> str:
+        """sha256 of the settings: two inputs are the same iff this is."""
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()
+
+    def frame_indices(self, num_frames: int, rng: random.Random, train: bool) -> list[int]:
+        """The frames kept of a clip of ``num_frames``: sorted indices."""
+        return sample_frame_indices(num_frames, rng, self.keep_ratio, self.stride_jitter, self.max_frames, train)
+
+    def crop(self, width: int, height: int, rng: random.Random, train: bool) -> tuple[tuple[int, int, int, int], Optional[list]]:
+        """(exact-pixel box (left, top, right, bottom) to cut in the loader, the training warp's
+        2x3 affine matrix or None in evaluation)."""
+        if train:
+            return train_crop(width, height, self.crop_fraction, rng, self.crop_scale_min, self.max_rotation)
+        return eval_crop(width, height, self.crop_fraction), None
+
+    def model_input(self, video: torch.Tensor, affine: Optional[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 (B, T, H, W, 3) on the device -> normalised (B, T, 3, crop_size, crop_size)."""
+        return to_model_input(video, self.crop_size, affine, dtype)

@@ -107,16 +107,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fla_ds.evaluate.run import evaluate_split
     from fla_ds.inference import load_translator
 
+    from fla_ds.stream import Source
+
     step_dir = resolve_checkpoint(args.checkpoint)
     translator = load_translator(step_dir, beam_size=args.beam)
-    cfg = OmegaConf.merge(translator.cfg, {"stream": {"shards": args.shards}, "train": {"eval_limit": args.limit}})
+    cfg = OmegaConf.merge(translator.cfg, {"eval": {"limit": args.limit}})
     if args.overrides:
         load_config(None, args.overrides)  # refuses unknown keys and wrong types
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(args.overrides)))
     placement = init_distributed()
     try:
         out = Path(args.out) if args.out else step_dir / f"eval-{args.split}"
-        metrics = evaluate_split(translator, cfg, placement.rank, placement.world_size, out, split=args.split)
+        source = Source(args.shards, translator.augment)
+        metrics = evaluate_split(translator, cfg, placement.rank, placement.world_size, out, source, split=args.split)
     finally:
         shutdown()
     if placement.rank == 0:

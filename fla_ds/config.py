@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +26,28 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 class ConfigError(ValueError):
     """A config or override that does not fit the schema; the message is one line."""
+
+
+class Optimizer(Enum):
+    """``train.optimizer``."""
+
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class Precision(Enum):
+    """``train.precision``: auto is bf16 on a GPU, fp32 on a CPU (fp16 is refused on CPU)."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Level(Enum):
+    """``eval.level``: score words, or characters (CSL-Daily)."""
+
+    word = "word"
+    char = "char"
 
 
 @dataclass
@@ -67,11 +90,12 @@ class ShardsConfig:
 
 @dataclass
 class StreamConfig:
+    """The loader (fla_ds/stream.py): which shards, how many worker processes, the seed. The
+    micro batch is ``train.micro_batch``; what is done to each clip is the ``augment`` section."""
+
     shards: str = "shards"
     """Folder with index.json and the tar shards."""
     split: str = "train"
-    batch_size: int = 8
-    """Micro-batch per rank."""
     num_workers: int = 2
     """DataLoader worker processes per rank."""
     seed: int = 0
@@ -80,6 +104,16 @@ class StreamConfig:
     """Training: random temporal/spatial augmentation, drop the remainder so every rank gets
     the same number of full batches. Evaluation: uniform sampling, center crop, every sample
     exactly once (ranks are padded with samples marked valid=False)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+
+
+@dataclass
+class AugmentConfig:
+    """What turns a stored clip into the model's input (fla_ds/augment.py, one ``Augment``
+    object): frame sampling, crops, the training warp. Stage 2 and feature caches take this
+    section from the stage-1 checkpoint they use; its hash is the feature cache's fingerprint."""
+
     keep_ratio: float = 0.25
     """Fraction of frames kept (the paper's T/4)."""
     stride_jitter: float = 0.5
@@ -87,7 +121,7 @@ class StreamConfig:
     max_frames: int = 300
     """Cap on frames per clip after temporal sampling."""
     crop_size: int = 224
-    """Side of the frames the model sees."""
+    """Side of the frames the model sees, in pixels."""
     crop_fraction: float = 0.875
     """Side of the evaluation centre crop as a fraction of the frame's short side (224/256);
     training crops are scaled around it."""
@@ -95,9 +129,6 @@ class StreamConfig:
     """Training random resized crop: smallest area fraction kept."""
     max_rotation: float = 5.0
     """Training: largest rotation in degrees."""
-    shuffle_window: int = 32
-    """Samples permuted together inside one worker's stream (bounds memory)."""
-    prefetch_factor: int = 2
 
 
 @dataclass
@@ -163,7 +194,7 @@ class LightTConfig:
     dropout: float = 0.1
     adapter_hidden: int = 1024
     label_smoothing: float = 0.2
-    max_target_len: int = 64
+    max_target_tokens: int = 64
     """Target tokens per sentence (BOS and EOS included); longer ones are cut."""
 
 
@@ -176,9 +207,11 @@ class TrainConfig:
     epochs: int = 75
     max_steps: int = 0
     """Stop after this many optimizer steps (0: run all epochs)."""
+    micro_batch: int = 8
+    """Samples per rank per forward/backward pass (DeepSpeed's train_micro_batch_size_per_gpu)."""
     global_batch: int = 8
     """Samples per optimizer step over all ranks; accumulation = global / (micro x ranks)."""
-    optimizer: str = "sgd"
+    optimizer: Optimizer = Optimizer.sgd
     """sgd (momentum) or adamw."""
     lr: float = 1e-2
     momentum: float = 0.9
@@ -187,7 +220,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     """Cosine decay ends at lr * min_lr_ratio."""
     grad_clip: float = 1.0
-    precision: str = "auto"
+    precision: Precision = Precision.auto
     """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
     gradient_checkpointing: bool = False
     ds_config: str = "ds_configs/zero2.json"
@@ -196,9 +229,9 @@ class TrainConfig:
     deterministic: bool = False
     """Deterministic algorithms and per-rank seeds, for exact resume comparisons."""
     log_every: int = 10
-    tensorboard: bool = False
-    eval_every: int = 0
-    """Evaluate on dev every N steps (0: at the end of every epoch)."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl", "console"])
+    """Where metrics go (fla_ds/loggers.py): jsonl (RUN/metrics.jsonl), console (a progress bar on
+    a terminal, plain lines otherwise), tensorboard, wandb (offline without network), mlflow."""
     save_every: int = 0
     """Checkpoint every N steps (0: at the end of every epoch)."""
     keep_last: int = 3
@@ -207,12 +240,6 @@ class TrainConfig:
     """auto: continue from the newest complete checkpoint in out; none; or a step folder."""
     verify_checkpoints: bool = True
     """Check sizes and sha256 of a checkpoint's files before resuming from it."""
-    beam_size: int = 5
-    max_decode_len: int = 0
-    """Tokens generated at most (0: model.max_target_len)."""
-    eval_split: str = "dev"
-    eval_limit: int = 0
-    """Evaluate on the first N dev samples only (0: all)."""
     vocab: str = ""
     """Trimmed vocabulary (vocab.json from `fla-ds vocab`); built from the train shards when empty."""
     tokenizer: str = ""
@@ -248,16 +275,26 @@ class Stage2Config:
     """mbart: the target language code the decoder starts from (mBART-cc25: de_DE, zh_CN, en_XX)."""
     label_smoothing: float = 0.2
     """mbart: label smoothing of the loss (the paper's 0.2)."""
-    max_new_tokens: int = 48
-    num_beams: int = 5
     max_target_tokens: int = 64
+    """Target tokens per sentence (EOS included); longer ones are cut."""
 
 
 @dataclass
 class EvalConfig:
-    """How scores are computed (the convention is written next to every score)."""
+    """Evaluation during training and by ``fla-ds evaluate``: what is decoded, how, and how it
+    is scored (the convention is written next to every score)."""
 
-    level: str = "word"
+    split: str = "dev"
+    every_steps: int = 0
+    """Evaluate every N optimizer steps (0: at the end of every epoch)."""
+    limit: int = 0
+    """Evaluate the first N samples only (0: all)."""
+    beam_size: int = 5
+    max_new_tokens: int = 0
+    """Tokens generated at most (0: the model's max_target_tokens)."""
+    best_metric: str = "bleu4"
+    """The score that picks RUN/best (higher is better): bleu1..bleu4, bleu_13a or rouge_l."""
+    level: Level = Level.word
     """word, or char (CSL-Daily: scored per character)."""
     phoenix_period: bool = False
     """Append ' .' to hypotheses and references (as some PHOENIX codebases do)."""
@@ -270,7 +307,7 @@ class DemoConfig:
     epochs: int = 1
     """Epochs of batches streamed to show the loader's throughput."""
     final_beam: int = 5
-    """Beam size of the final dev evaluations (training evaluations use train.beam_size)."""
+    """Beam size of the final dev evaluations (training evaluations use eval.beam_size)."""
     stage2_epochs: int = 4
     """Stage-2 epochs (SmolLM2 in QLoRA from the feature cache)."""
     stage2_lr: float = 2.0e-4
@@ -288,6 +325,7 @@ class Config:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
@@ -361,12 +399,46 @@ def load_config(config_file: Optional[str] = None, overrides: tuple[str, ...] | 
             raise _one_line(exc, "") from None
         except Exception as exc:  # yaml errors
             raise ConfigError(f"bad value for config key '{key}': {str(exc).splitlines()[0]}") from None
+    check_names(cfg)
     OmegaConf.set_readonly(cfg, False)
     return cfg  # a DictConfig typed by the schema; attribute access as on Config
 
 
-def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+SCORES = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "bleu_13a")
+"""What ``eval.best_metric`` may name (fla_ds/evaluate/metrics.py: score)."""
+TOOLING_SECTIONS = ("demo", "bench", "synth")
+"""Sections of the tools around training, left out of run folders and checkpoints."""
+
+
+def registered_names() -> dict[str, tuple[str, ...]]:
+    """Keys whose values name a registered component, and the names each accepts (each
+    registry is the one place a new corpus, backend or logger is added)."""
+    from fla_ds.backends import BACKENDS
+    from fla_ds.corpus import READERS
+    from fla_ds.loggers import LOGGERS
+
+    return {"corpus.name": tuple(READERS), "stage2.backend": tuple(BACKENDS), "train.loggers": tuple(LOGGERS),
+            "eval.best_metric": SCORES}
+
+
+def check_names(cfg) -> None:
+    """Refuse a value that names no registered component, at parse time, in one line."""
+    for key, valid in registered_names().items():
+        value = OmegaConf.select(cfg, key)
+        for name in (value if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else [value]):
+            if str(name).strip().lower() not in valid:
+                match = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
+                hint = f" (did you mean '{match[0]}'?)" if match else ""
+                raise ConfigError(f"bad value for config key '{key}': '{name}' is not one of {', '.join(valid)}{hint}")
+
+
+def to_yaml(cfg: Config, tooling: bool = False) -> str:
+    """The resolved config as YAML; without the tooling sections unless ``tooling``."""
+    data = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    if not tooling:
+        for section in TOOLING_SECTIONS:
+            data.pop(section, None)
+    return OmegaConf.to_yaml(OmegaConf.create(data))
 
 
 def to_container(cfg: Config) -> dict:

@@ -16,20 +16,21 @@ from omegaconf import OmegaConf
 from fla_ds.config import save_resolved
 from fla_ds.corpus.synthetic import generate
 from fla_ds.shards.build import build_shards
-from fla_ds.stream import ShardStream
+from fla_ds.augment import Augment
+from fla_ds.stream import ShardStream, Source
 
 
-def stream_epochs(stream_cfg, epochs: int) -> None:
-    stream = ShardStream(stream_cfg, rank=0, world_size=1)
+def stream_epochs(stream_cfg, augment, batch_size: int, epochs: int) -> None:
+    stream = ShardStream(stream_cfg, 0, 1, batch_size, augment)
     for epoch in range(epochs):
         stream.set_epoch(epoch)
         started, clips, frames = time.perf_counter(), 0, 0
         for batch in stream:
-            clips += int(batch["valid"].sum())
-            frames += int(batch["video_mask"].sum())
+            clips += int(batch.valid.sum())
+            frames += int(batch.video_mask.sum())
         seconds = time.perf_counter() - started
         print(f"      epoch {epoch}: {clips} clips, {frames} frames in {seconds:.1f} s: {clips / seconds:.1f} clips/s, {frames / seconds:.0f} frames/s "
-              f"({stream_cfg.num_workers} workers, batch {stream_cfg.batch_size})")
+              f"({stream_cfg.num_workers} workers, batch {batch_size})")
 
 
 def build_demo_shards(cfg) -> None:
@@ -65,21 +66,21 @@ def untrained_scores(cfg) -> dict:
     vocab = TrimmedVocab.load(Path(cfg.train.out) / "vocab" / "vocab.json")
     torch.manual_seed(cfg.train.seed)
     translator = Translator(build_translator(cfg, vocab), vocab, cfg)
-    return evaluate_split(translator, cfg, 0, 1, Path(cfg.train.out) / "eval" / "untrained")
+    return evaluate_split(translator, cfg, 0, 1, Path(cfg.train.out) / "eval" / "untrained", Source(cfg.stream.shards, translator.augment))
 
 
 def final_scores(run_dir: str, beam: int, shards: str) -> tuple[dict, Path]:
     """Dev scores of a run's best checkpoint, decoded with ``beam``."""
     from omegaconf import OmegaConf
 
-    from fla_ds.cli import resolve_checkpoint
+    from fla_ds.checkpoint import resolve_step_dir
     from fla_ds.evaluate.run import evaluate_split
     from fla_ds.inference import load_translator
 
-    best = resolve_checkpoint(run_dir)
+    best = resolve_step_dir(run_dir)
     translator = load_translator(best, beam_size=beam)
-    cfg = OmegaConf.merge(translator.cfg, {"stream": {"shards": shards}, "train": {"eval_limit": 0}})
-    return evaluate_split(translator, cfg, 0, 1, best / "eval-dev"), best
+    cfg = OmegaConf.merge(translator.cfg, {"eval": {"limit": 0}})
+    return evaluate_split(translator, cfg, 0, 1, best / "eval-dev", Source(shards, translator.augment)), best
 
 
 def show_examples(best: Path, count: int = 4) -> None:
@@ -106,7 +107,7 @@ def run_demo(cfg) -> int:
     print(f"[2/7] shards -> {cfg.shards.out}")
     build_demo_shards(cfg)
     print(f"[3/7] streaming {cfg.demo.epochs} epoch(s) of train")
-    stream_epochs(OmegaConf.merge(cfg.stream, {"split": "train", "train": True}), cfg.demo.epochs)
+    stream_epochs(OmegaConf.merge(cfg.stream, {"split": "train", "train": True}), Augment(cfg.augment), cfg.train.micro_batch, cfg.demo.epochs)
     print(f"[4/7] stage 1 -> {cfg.train.out}")
     seconds1 = train_stage(1, config_file)
     scores1, best1 = final_scores(cfg.train.out, beam, cfg.shards.out)

@@ -38,7 +38,8 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from fla_ds.atomic import atomic_write_json, tmp_name
-from fla_ds.augment import to_model_input
+from fla_ds.augment import Augment
+from fla_ds.batch import VideoBatch, prepare_features
 from fla_ds.corpus.base import canonical_split, sha256_file
 from fla_ds.model import VisualEncoder
 from fla_ds.shards.build import folder_lock
@@ -48,9 +49,7 @@ from fla_ds.stream import ShardStream
 
 log = logging.getLogger("fla_ds")
 
-EXTRACTOR_VERSION = 1
-# Stream settings that change what the encoder sees, hence the features.
-INPUT_SETTINGS = ("keep_ratio", "stride_jitter", "max_frames", "crop_size", "crop_fraction", "crop_scale_min", "max_rotation")
+EXTRACTOR_VERSION = 2
 
 
 class FeatureError(ValueError):
@@ -81,19 +80,18 @@ def checkpoint_record(step_dir: Path) -> dict:
 
 
 @torch.no_grad()
-def encode_batch(encoder: VisualEncoder, batch: dict, crop_size: int) -> Iterator[tuple[int, np.ndarray]]:
+def encode_batch(encoder: VisualEncoder, batch: VideoBatch, augment: Augment) -> Iterator[tuple[int, np.ndarray]]:
     """(position in the batch, (T, D) float16 features) of every valid clip. Computed in
     float32; float16 is only the storage."""
     dev = next(encoder.parameters()).device
-    video = to_model_input(batch["video"].to(dev), crop_size, batch["affine"])
-    features, mask = encoder(video, batch["video_mask"].to(dev))
+    features, mask = prepare_features(batch, encoder, augment, torch.float32, dev)
     features, lengths = features.float().cpu(), mask.sum(1).tolist()
-    for i, valid in enumerate(batch["valid"].tolist()):
+    for i, valid in enumerate(batch.valid.tolist()):
         if not valid:  # evaluation padding repeats a clip another rank encodes
             continue
         half = features[i, : lengths[i]].to(torch.float16)
         if not torch.isfinite(half).all():
-            raise FeatureError(f"clip '{batch['id'][i]}': features overflow float16 (max |x| {features[i].abs().max():.3g})")
+            raise FeatureError(f"clip '{batch.id[i]}': features overflow float16 (max |x| {features[i].abs().max():.3g})")
         yield i, half.numpy()
 
 
@@ -140,21 +138,21 @@ class ShardSeries:
         return self.records
 
 
-def extract_view(encoder: VisualEncoder, stream: ShardStream, series: ShardSeries, view: int, source: str, crop_size: int) -> list[dict]:
+def extract_view(encoder: VisualEncoder, stream: ShardStream, series: ShardSeries, view: int, source: str) -> list[dict]:
     for batch in stream:
-        for i, features in encode_batch(encoder, batch, crop_size):
-            meta = {"id": batch["id"][i], "text": batch["text"][i], "num_frames": int(features.shape[0]), "dim": int(features.shape[1]),
+        for i, features in encode_batch(encoder, batch, stream.augment):
+            meta = {"id": batch.id[i], "text": batch.text[i], "num_frames": int(features.shape[0]), "dim": int(features.shape[1]),
                     "dtype": FEATURE_DTYPE, "view": view, "source": source}
-            series.add(batch["key"][i], meta, features)
+            series.add(batch.key[i], meta, features)
     return series.close()
 
 
 def view_stream(stage1_cfg, shards: Path, split: str, view: int, rank: int, world: int, batch_size: int, num_workers: int, seed: int) -> ShardStream:
-    """The split in the evaluation plan (every clip once, same order for every view), with
-    the checkpoint's input settings; views >= 1 augmented as training epoch ``view`` would be."""
-    cfg = OmegaConf.merge(stage1_cfg.stream, {"shards": str(shards), "split": split, "batch_size": batch_size, "num_workers": num_workers,
-                                              "train": False, "seed": seed})
-    stream = ShardStream(cfg, rank, world, augment=view > 0)
+    """The split in the evaluation plan (every clip once, same order for every view), read
+    with the checkpoint's own ``augment`` section; views >= 1 augmented as training epoch
+    ``view`` would be."""
+    cfg = OmegaConf.merge(stage1_cfg.stream, {"shards": str(shards), "split": split, "num_workers": num_workers, "train": False, "seed": seed})
+    stream = ShardStream(cfg, rank, world, batch_size, Augment(stage1_cfg.augment), random_augment=view > 0)
     stream.set_epoch(view)
     return stream
 
@@ -257,7 +255,7 @@ def extract_features(step_dir, shards, out, split: str = "train", views: int = 1
     check_out_folder(out, shards)
     encoder, stage1_cfg = load_encoder(step_dir)
     checkpoint, source_fp = checkpoint_record(step_dir), load_index(shards, split)["plan_fingerprint"]
-    settings = {k: stage1_cfg.stream[k] for k in INPUT_SETTINGS}
+    settings = {"augment": Augment(stage1_cfg.augment).fingerprint()}  # what the encoder's inputs were
     run = run_fingerprint(source_fp, checkpoint, split, views, seed, world, samples_per_shard, settings)
     (out / ".parts").mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -269,7 +267,7 @@ def extract_features(step_dir, shards, out, split: str = "train", views: int = 1
     for view in range(views):
         stream = view_stream(stage1_cfg, shards, split, view, rank, world, batch_size, num_workers, seed)
         series = ShardSeries(out, split, view, rank, samples_per_shard)
-        records += extract_view(encoder, stream, series, view, source_fp, stage1_cfg.stream.crop_size)
+        records += extract_view(encoder, stream, series, view, source_fp)
     atomic_write_json(part_path(out, split, rank), {"run": run, "records": records})
     clips = sum(r["samples"] for r in records)
     log.info("features %s rank %d: %d clip-views in %.1f s", split, rank, clips, time.perf_counter() - started)

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from fla_ds.atomic import atomic_write_json
-from fla_ds.augment import collate_clips
+from fla_ds.augment import Augment
+from fla_ds.batch import Batch, VideoBatch, collate_clips, prepare_features
 from fla_ds.config import load_config
 from fla_ds.distributed import device
 
@@ -48,8 +49,9 @@ class Stage2Translator:
         verify_folder(self.folder)
         self.cfg = load_config(str(self.folder / "config.yaml"))
         self.dtype = inference_dtype()
-        self.beam = beam_size or self.cfg.train.beam_size
+        self.beam = beam_size or self.cfg.eval.beam_size
         self.encoder, self.encoder_cfg = load_frozen_encoder(self.folder / "encoder", self.dtype)
+        self.augment = Augment(self.encoder_cfg.augment)  # inputs as the encoder was trained
         projector = Projector.load(self.folder / "projector", dtype=self.dtype)
         self.model = self.load_backend(projector).to(device()).eval()
 
@@ -88,11 +90,10 @@ class Stage2Translator:
         return info
 
     @torch.no_grad()
-    def __call__(self, batch: dict) -> list[str]:
-        from fla_ds.stage2 import batch_features
-
-        feats, mask = batch_features(batch, self.encoder, self.encoder_cfg.stream.crop_size, self.dtype)
-        return self.model.generate(feats, mask, max_new_tokens=self.cfg.stage2.max_new_tokens, num_beams=self.beam)
+    def __call__(self, batch: Batch) -> list[str]:
+        feats, mask = prepare_features(batch, self.encoder, self.augment, self.dtype, device())
+        max_new = self.cfg.eval.max_new_tokens or self.cfg.stage2.max_target_tokens
+        return self.model.generate(feats, mask, max_new_tokens=max_new, num_beams=self.beam)
 
 
 def base_model(cfg) -> str:
@@ -202,12 +203,15 @@ def merge_adapter(base_path: str, adapter: Path, out: Path) -> None:
 # ------------------------------------------------------------------ translate
 
 
-def clip_batch(paths: list[str], cfg) -> dict:
-    """Videos or frame folders -> one evaluation batch, preprocessed as shards + loader do."""
+def clip_batch(paths: list[str], cfg) -> VideoBatch:
+    """Videos or frame folders -> one evaluation batch, preprocessed as shards + loader do with
+    ``cfg`` (the config of the stage-1 model whose encoder reads them: its shard settings and
+    its ``augment`` section). Raises SampleError naming the path that cannot be read."""
     from fla_ds.corpus.base import FrameFolder, VideoFile
     from fla_ds.frames import FramePack, SampleError, encode_source
     from fla_ds.stream import clip_from_pack
 
+    augment = Augment(cfg.augment)
     clips = []
     for i, path in enumerate(paths):
         source = FrameFolder(path) if Path(path).is_dir() else VideoFile(path)
@@ -217,10 +221,12 @@ def clip_batch(paths: list[str], cfg) -> dict:
             raise SampleError(f"{path}: {exc}") from None
         pack_bytes, meta = encoded.pack, {"width": encoded.width, "height": encoded.height}
         rng = random.Random(f"fla_ds-sample:{cfg.stream.seed}:0:0:{i}")
-        clip, _ = clip_from_pack(meta, FramePack(pack_bytes), cfg.stream, rng, augment=False)
+        clip, _ = clip_from_pack(meta, FramePack(pack_bytes), augment, rng, train=False)
         clips.append(clip)
     video, mask = collate_clips(clips)
-    return {"video": video, "video_mask": mask, "affine": None}
+    n = len(paths)
+    return VideoBatch(video, mask, None, text=[""] * n, id=list(paths), key=[str(i) for i in range(n)],
+                      valid=torch.ones(n, dtype=torch.bool), step=0, epoch=0)
 
 
 def translate_paths(model_dir: str | Path, paths: list[str], beam_size: int = 0) -> list[str]:

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 MODEL_KEYS = {
     1: ("visual.out_dim", "visual.temporal_kernel", "light_t.d_model", "light_t.heads", "light_t.encoder_layers",
-        "light_t.decoder_layers", "light_t.ffn", "light_t.adapter_hidden", "light_t.max_target_len", "train.vocab", "train.tokenizer"),
+        "light_t.decoder_layers", "light_t.ffn", "light_t.adapter_hidden", "light_t.max_target_tokens", "train.vocab", "train.tokenizer"),
     2: ("stage2.backend", "stage2.model", "stage2.qlora", "stage2.lora_r", "stage2.lora_alpha", "stage2.lora_targets",
         "stage2.projector_hidden"),
 }
@@ -45,19 +45,19 @@ def check_launch(cfg, stage: int, world: int) -> list[str]:
 
 
 def check_deepspeed(cfg, world: int) -> str:
-    from fla_ds.trainer import fill_ds_config, load_ds_config
+    from fla_ds.engine import fill_ds_config, load_ds_config
 
     try:
         template = load_ds_config(cfg.train.ds_config)
     except (FileNotFoundError, ValueError) as exc:
         raise LaunchError(f"train.ds_config: {exc}") from None
-    micro, total = cfg.stream.batch_size, cfg.train.global_batch
+    micro, total = cfg.train.micro_batch, cfg.train.global_batch
     if total % (micro * world):
         fits = max(1, round(total / (micro * world))) * micro * world
-        raise LaunchError(f"train.global_batch={total} is not a multiple of stream.batch_size x ranks = {micro} x {world}: "
-                          f"e.g. train.global_batch={fits}, or a smaller stream.batch_size")
+        raise LaunchError(f"train.global_batch={total} is not a multiple of train.micro_batch x ranks = {micro} x {world}: "
+                          f"e.g. train.global_batch={fits}, or a smaller train.micro_batch")
     try:
-        filled = fill_ds_config(template, cfg, world, hidden_size=1)
+        filled = fill_ds_config(template, cfg, world, hidden_size=1)  # dtype does not matter for the check
     except ValueError as exc:
         raise LaunchError(f"train.ds_config {cfg.train.ds_config}: {exc}") from None
     zero = filled.get("zero_optimization", {}).get("stage", 0)
@@ -70,7 +70,7 @@ def check_shards(cfg, stage: int) -> list[str]:
 
     folder = cfg.stage2.features if stage == 2 and cfg.stage2.features else cfg.stream.shards
     facts = []
-    for split in dict.fromkeys(("train", cfg.train.eval_split)):
+    for split in dict.fromkeys(("train", cfg.eval.split)):
         try:
             entry = load_index(folder, split)
         except IndexFormatError as exc:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, rank: int, tensorboard: bool, total_steps: int):
+    def __init__(self, run_dir: Path, rank: int, loggers, total_steps: int):
+        tensorboard = "tensorboard" in list(loggers)
         self.active = rank == 0
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
@@ -22,7 +23,7 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise RuntimeError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)") from None
+                raise RuntimeError("train.loggers=[jsonl,console,tensorboard] needs the tensorboard package (pip install tensorboard)") from None
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         if sys.stderr.isatty():
             from tqdm import tqdm

@@ -10,15 +10,18 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from fla_ds.augment import to_model_input
+from fla_ds.augment import Augment
+from fla_ds.batch import VideoBatch
 from fla_ds.config import load_config, save_resolved
 from fla_ds.distributed import device, gathered
 from fla_ds.model import LightT, SignTranslator, VisualEncoder
+from fla_ds.stream import Source
 from fla_ds.vocab import TrimmedVocab, build_vocab_files
 
 log = logging.getLogger("fla_ds")
@@ -56,7 +59,7 @@ def build_translator(cfg, vocab: TrimmedVocab, pretrained: bool = True) -> SignT
     light_t = LightT(
         in_dim=v.out_dim, vocab_size=vocab.size, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
         d_model=t.d_model, heads=t.heads, encoder_layers=t.encoder_layers, decoder_layers=t.decoder_layers,
-        ffn=t.ffn, dropout=t.dropout, adapter_hidden=t.adapter_hidden, max_len=t.max_target_len, label_smoothing=t.label_smoothing,
+        ffn=t.ffn, dropout=t.dropout, adapter_hidden=t.adapter_hidden, max_len=t.max_target_tokens, label_smoothing=t.label_smoothing,
     )
     return SignTranslator(encoder, light_t)
 
@@ -71,41 +74,50 @@ def model_dtype(engine) -> torch.dtype:
 
 
 class Stage1:
+    """Stage 1 for the training loop (fla_ds/trainer.py Stage protocol)."""
+
     name = "stage1"
 
     def __init__(self, cfg, rank: int):
         self.cfg = cfg
         self.rank = rank
-        self.vocab_path = prepare_vocab(cfg, rank)
+        self.augment = Augment(cfg.augment)
+        self.hidden_size = cfg.light_t.d_model
+        self.max_decode = cfg.eval.max_new_tokens or cfg.light_t.max_target_tokens
+        self.vocab_path: Optional[Path] = None
+        self.vocab: Optional[TrimmedVocab] = None
+
+    def prepare(self) -> None:
+        """The vocabulary: the configured one, or built by rank 0 from the training shards."""
+        self.vocab_path = prepare_vocab(self.cfg, self.rank)
         local_tokenizer = self.vocab_path.parent / "tokenizer"
         self.vocab = TrimmedVocab.load(self.vocab_path, tokenizer_path=local_tokenizer if local_tokenizer.is_dir() else None)
-        self.hidden_size = cfg.light_t.d_model
-        self.max_decode = cfg.train.max_decode_len or cfg.light_t.max_target_len
 
-    def build(self, ds_config: dict) -> torch.nn.Module:
+    def source(self) -> Source:
+        return Source(self.cfg.stream.shards, self.augment)
+
+    def build(self, ds_config: dict, dtype: torch.dtype) -> torch.nn.Module:
         model = build_translator(self.cfg, self.vocab)
         model.encoder.gradient_checkpointing = self.cfg.train.gradient_checkpointing
-        if self.cfg.train.precision == "bf16" or (self.cfg.train.precision == "auto" and torch.cuda.is_available()):
-            model = model.to(torch.bfloat16)  # ZeRO-3 + bf16 wants every parameter bf16 up front
-        return model
+        return model.to(dtype)  # ZeRO-3 + bf16 wants every parameter bf16 up front
 
     def param_groups(self, model: torch.nn.Module) -> list[dict]:
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
-    def model_input(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def model_input(self, engine, batch: VideoBatch) -> tuple[torch.Tensor, torch.Tensor]:
         dev = device()
-        video = to_model_input(batch["video"].to(dev, non_blocking=True), self.cfg.stream.crop_size, batch["affine"], dtype=model_dtype(engine))
-        return video, batch["video_mask"].to(dev)
+        video = self.augment.model_input(batch.video.to(dev, non_blocking=True), batch.affine, dtype=model_dtype(engine))
+        return video, batch.video_mask.to(dev)
 
-    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, engine, batch: VideoBatch) -> tuple[torch.Tensor, torch.Tensor]:
         video, mask = self.model_input(engine, batch)
-        targets = self.vocab.encode_batch(batch["text"], self.cfg.light_t.max_target_len).to(device())
+        targets = self.vocab.encode_batch(batch.text, self.cfg.light_t.max_target_tokens).to(device())
         return engine(video, mask, targets)
 
-    def translate(self, engine, batch: dict) -> list[str]:
+    def translate(self, engine, batch: VideoBatch) -> list[str]:
         video, mask = self.model_input(engine, batch)
         with torch.no_grad(), gathered(engine.module.parameters()):
-            ids = engine.module.generate(video, mask, beam_size=self.cfg.train.beam_size, max_len=self.max_decode)
+            ids = engine.module.generate(video, mask, beam_size=self.cfg.eval.beam_size, max_len=self.max_decode)
         return [self.vocab.decode(row) for row in ids]
 
     def export(self, engine, step_dir: Path) -> None:
@@ -133,8 +145,9 @@ class Translator:
     def __init__(self, model: SignTranslator, vocab: TrimmedVocab, cfg, beam_size: int = 0):
         self.cfg, self.vocab = cfg, vocab
         self.model = model.eval().to(device())
-        self.beam = beam_size or self.cfg.train.beam_size
-        self.max_decode = self.cfg.train.max_decode_len or self.cfg.light_t.max_target_len
+        self.beam = beam_size or self.cfg.eval.beam_size
+        self.max_decode = self.cfg.eval.max_new_tokens or self.cfg.light_t.max_target_tokens
+        self.augment = Augment(cfg.augment)
 
     @classmethod
     def from_checkpoint(cls, step_dir: Path, beam_size: int = 0) -> "Translator":
@@ -154,7 +167,7 @@ class Translator:
         return cls(model, vocab, cfg, beam_size)
 
     @torch.no_grad()
-    def __call__(self, batch: dict) -> list[str]:
-        video = to_model_input(batch["video"].to(device()), self.cfg.stream.crop_size, batch["affine"])
-        ids = self.model.generate(video, batch["video_mask"].to(device()), beam_size=self.beam, max_len=self.max_decode)
+    def __call__(self, batch: VideoBatch) -> list[str]:
+        video = self.augment.model_input(batch.video.to(device()), batch.affine)
+        ids = self.model.generate(video, batch.video_mask.to(device()), beam_size=self.beam, max_len=self.max_decode)
         return [self.vocab.decode(row) for row in ids]

@@ -21,12 +21,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from fla_ds.augment import to_model_input
+from fla_ds.augment import Augment
+from fla_ds.batch import Batch, prepare_features
 from fla_ds.checkpoint import resolve_step_dir
 from fla_ds.config import load_config, save_resolved
 from fla_ds.distributed import device, gathered
 from fla_ds.model import VisualEncoder
 from fla_ds.model.projector import Projector
+from fla_ds.stream import Source
 
 log = logging.getLogger("fla_ds")
 
@@ -37,17 +39,6 @@ def language_model_path(cfg) -> str:
     from fla_ds.llm_assets import smollm2_path
 
     return str(smollm2_path())
-
-
-def batch_features(batch: dict, encoder: Optional[VisualEncoder], crop_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The visual features of a batch: read from a feature-cache batch, or computed by the
-    frozen encoder (no gradients) from a video batch."""
-    dev = device()
-    if "features" in batch:
-        return batch["features"].to(dev, dtype), batch["features_mask"].to(dev)
-    video = to_model_input(batch["video"].to(dev), crop_size, batch.get("affine"), dtype=dtype)
-    with torch.no_grad():
-        return encoder(video, batch["video_mask"].to(dev))
 
 
 def load_frozen_encoder(step_dir: Path, dtype: torch.dtype) -> tuple[VisualEncoder, object]:
@@ -95,30 +86,42 @@ def build_backend(cfg, lm_path: str, feature_dim: int, dtype: torch.dtype) -> to
 
 
 class Stage2:
+    """Stage 2 for the training loop (fla_ds/trainer.py Stage protocol)."""
+
     name = "stage2"
 
     def __init__(self, cfg, rank: int):
-        s = cfg.stage2
-        if not s.encoder:
-            raise ValueError("stage2.encoder is required: the stage-1 checkpoint (step folder or run folder)")
         self.cfg, self.rank = cfg, rank
-        from fla_ds.artifacts import verify_folder
-
-        self.encoder_dir = resolve_step_dir(s.encoder)
-        verify_folder(self.encoder_dir)  # the stage-1 checkpoint is untrusted input (fla_ds.artifacts)
-        self.lm_path = language_model_path(cfg)
-        self.hidden_size = lm_hidden_size(self.lm_path)
-        self.encoder_cfg = load_config(str(self.encoder_dir / "config.yaml"))
-        self.feature_dim = self.encoder_cfg.visual.out_dim
-        if s.features:  # train and evaluate from the cache; the loader reads its index
-            cfg.stream.shards = s.features
         self.encoder: Optional[VisualEncoder] = None
         self.zero3 = False
         self.dtype = torch.float32
 
-    def build(self, ds_config: dict) -> torch.nn.Module:
+    def prepare(self) -> None:
+        """The stage-1 checkpoint (verified: untrusted input, fla_ds.artifacts) and the language
+        model's size; the input settings (crop, frame sampling) are the encoder's own."""
+        from fla_ds.artifacts import verify_folder
+
+        s = self.cfg.stage2
+        if not s.encoder:
+            raise ValueError("stage2.encoder is required: the stage-1 checkpoint (step folder or run folder)")
+        self.encoder_dir = resolve_step_dir(s.encoder)
+        verify_folder(self.encoder_dir)
+        self.lm_path = language_model_path(self.cfg)
+        self.hidden_size = lm_hidden_size(self.lm_path)
+        self.encoder_cfg = load_config(str(self.encoder_dir / "config.yaml"))
+        self.feature_dim = self.encoder_cfg.visual.out_dim
+        self.augment = Augment(self.encoder_cfg.augment)  # what the encoder was trained on
+
+    def source(self) -> Source:
+        """The feature cache when one is given (the encoder is frozen: its output can be
+        computed once), else the video shards, read as the encoder was trained."""
+        if self.cfg.stage2.features:
+            return Source(self.cfg.stage2.features, None)
+        return Source(self.cfg.stream.shards, self.augment)
+
+    def build(self, ds_config: dict, dtype: torch.dtype) -> torch.nn.Module:
         self.zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-        self.dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+        self.dtype = dtype
         if self.zero3:
             from transformers.integrations import HfDeepSpeedConfig
 
@@ -133,18 +136,19 @@ class Stage2:
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         return [{"params": projector, "lr": self.cfg.stage2.projector_lr}, {"params": rest, "lr": self.cfg.train.lr}]
 
-    def features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_features(batch, self.encoder, self.encoder_cfg.stream.crop_size, self.dtype)
+    def features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return prepare_features(batch, self.encoder, self.augment, self.dtype, device())
 
-    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, engine, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         feats, mask = self.features(batch)
-        return engine(feats, mask, batch["text"])
+        return engine(feats, mask, batch.text)
 
-    def translate(self, engine, batch: dict) -> list[str]:
+    def translate(self, engine, batch: Batch) -> list[str]:
         feats, mask = self.features(batch)
         synced = self.zero3 and dist.is_initialized() and dist.get_world_size() > 1
         with torch.no_grad():
-            return engine.module.generate(feats, mask, max_new_tokens=self.cfg.stage2.max_new_tokens, num_beams=self.cfg.train.beam_size, synced_gpus=synced)
+            max_new = self.cfg.eval.max_new_tokens or self.cfg.stage2.max_target_tokens
+            return engine.module.generate(feats, mask, max_new_tokens=max_new, num_beams=self.cfg.eval.beam_size, synced_gpus=synced)
 
     def export(self, engine, step_dir: Path) -> None:
         """projector/, adapter/ (or mbart/), the encoder and configs: a folder that

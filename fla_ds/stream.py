@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from fla_ds.augment import collate_clips, eval_crop, sample_frame_indices, train_crop
+from fla_ds.batch import Batch, FeatureBatch, VideoBatch, collate_clips, collate_features
 from fla_ds.shards.index import load_index
 from fla_ds.shards.format import iter_raw_samples, parse_feature_sample, parse_sample, read_frame
 
@@ -167,13 +167,14 @@ class _EpochDataset(IterableDataset):
     """One rank's batches of one epoch, from ``start_step`` on; each worker takes every
     ``workers``-th step, so that the DataLoader's round-robin yields them in step order."""
 
-    def __init__(self, shards: ShardSet, batches: list, start_step: int, workers: int, epoch: int, cfg, augment: bool):
-        self.shards, self.batches, self.start_step = shards, batches, start_step
-        self.workers, self.epoch, self.cfg, self.augment = workers, epoch, cfg, augment
-        self.views = len(shards.views) if cfg.train else 1  # evaluation reads view 0 only
+    def __init__(self, stream: "ShardStream", batches: list, start_step: int):
+        self.shards, self.batches, self.start_step = stream.shards, batches, start_step
+        self.workers, self.epoch, self.seed = stream.cfg.num_workers, stream.epoch, stream.cfg.seed
+        self.augment, self.random_augment = stream.augment, stream.random_augment
+        self.views = len(self.shards.views) if stream.cfg.train else 1  # evaluation reads view 0 only
 
     def view_of(self, ref: Ref) -> int:
-        return pick_view(self.cfg.seed, self.epoch, ref, self.views)
+        return pick_view(self.seed, self.epoch, ref, self.views)
 
     def my_steps(self) -> list[int]:
         info = get_worker_info()
@@ -182,7 +183,7 @@ class _EpochDataset(IterableDataset):
         # A resumed loader restarts at worker 0: rotate so worker 0 serves step start_step.
         return [k for k in range(self.start_step + worker, total, max(1, self.workers))]
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         total, workers = len(self.batches), max(1, self.workers)
         chosen = [(k, self.batches[batch_of_step(k, total, workers)]) for k in self.my_steps()]
         raw = _RunReader(self.shards, [ref for _, batch in chosen for ref, _ in batch], self.view_of)
@@ -202,11 +203,11 @@ class _EpochDataset(IterableDataset):
     def decode_video(self, ref: Ref, raw: dict) -> dict:
         shard = self.shards.views[0][ref[0]]
         meta, pack = parse_sample(shard, raw)
-        rng = random.Random(f"fla_ds-sample:{self.cfg.seed}:{self.epoch}:{ref[0]}:{ref[1]}")
-        clip, affine = clip_from_pack(meta, pack, self.cfg, rng, self.augment, where=f"{shard}: member '{raw['__key__']}.frames'")
-        return {"video": clip, "affine": affine, "id": meta["id"], "text": meta["text"], "num_frames": len(pack), "key": raw["__key__"]}
+        rng = random.Random(f"fla_ds-sample:{self.seed}:{self.epoch}:{ref[0]}:{ref[1]}")
+        clip, affine = clip_from_pack(meta, pack, self.augment, rng, self.random_augment, where=f"{shard}: member '{raw['__key__']}.frames'")
+        return {"video": clip, "affine": affine, "id": meta["id"], "text": meta["text"], "key": raw["__key__"]}
 
-    def _collate(self, step: int, items: list[tuple[dict, bool]]) -> dict:
+    def _collate(self, step: int, items: list[tuple[dict, bool]]) -> Batch:
         common = {
             "text": [s["text"] for s, _ in items],
             "id": [s["id"] for s, _ in items],
@@ -217,39 +218,25 @@ class _EpochDataset(IterableDataset):
         }
         if self.shards.kind == "features":
             features, mask = collate_features([s["features"] for s, _ in items])
-            return {"features": features, "features_mask": mask, "view": torch.tensor([s["view"] for s, _ in items]), **common}
+            return FeatureBatch(features, mask, torch.tensor([s["view"] for s, _ in items]), **common)
         video, mask = collate_clips([s["video"] for s, _ in items])
-        affine = torch.tensor([s["affine"] for s, _ in items]) if self.augment else None
-        return {"video": video, "video_mask": mask, "affine": affine, **common}
+        affine = torch.tensor([s["affine"] for s, _ in items]) if self.random_augment else None
+        return VideoBatch(video, mask, affine, **common)
 
 
-def clip_from_pack(meta: dict, pack, cfg, rng: random.Random, augment: bool, where: str = "clip") -> tuple[np.ndarray, Optional[list]]:
-    """One clip as the model's loader sees it: T/4 frames sampled, decoded and cropped
-    (uint8 (T, S, S, 3)), and the training warp's matrix (None in evaluation). Also used by
-    ``fla-ds translate`` so that inference preprocesses exactly like evaluation. Each JPEG's
-    size is checked against ``meta`` (width, height) before it is decoded; raises
-    ShardFormatError naming ``where`` and the frame otherwise."""
-    indices = sample_frame_indices(len(pack), rng, cfg.keep_ratio, cfg.stride_jitter, cfg.max_frames, augment)
-    affine = None
-    if augment:
-        box, affine = train_crop(meta["width"], meta["height"], cfg.crop_fraction, rng, cfg.crop_scale_min, cfg.max_rotation)
-    else:
-        box = eval_crop(meta["width"], meta["height"], cfg.crop_fraction)
+def clip_from_pack(meta: dict, pack, augment, rng: random.Random, train: bool, where: str = "clip") -> tuple[np.ndarray, Optional[list]]:
+    """One clip as the model's loader sees it: ``augment``'s frames (T/4) sampled, decoded and
+    cropped (uint8 (T, S, S, 3)), and the training warp's matrix (None when ``train`` is
+    False). Also used by ``fla-ds translate``, so that inference preprocesses exactly like
+    evaluation. Each JPEG's size is checked against ``meta`` (width, height) before it is
+    decoded; raises ShardFormatError naming ``where`` and the frame otherwise."""
+    indices = augment.frame_indices(len(pack), rng, train)
+    box, affine = augment.crop(meta["width"], meta["height"], rng, train)
     side = box[2] - box[0]
     clip = np.empty((len(indices), side, side, 3), dtype=np.uint8)
     for t, i in enumerate(indices):
         clip[t] = read_frame(pack, i, meta, where, box)
     return clip, affine
-
-
-def collate_features(arrays: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad (T, D) float16 features to the longest: (B, T, D) with zeros on padding (as the
-    encoder leaves them) and a (B, T) mask, True on real positions."""
-    lengths = torch.tensor([a.shape[0] for a in arrays])
-    out = torch.zeros((len(arrays), int(lengths.max()), arrays[0].shape[1]), dtype=torch.float16)
-    for i, a in enumerate(arrays):
-        out[i, : a.shape[0]] = torch.from_numpy(a)
-    return out, torch.arange(out.shape[1])[None, :] < lengths[:, None]
 
 
 class _RunReader:
@@ -290,6 +277,16 @@ class _RunReader:
 # ------------------------------------------------------------------ the loader
 
 
+@dataclass(frozen=True)
+class Source:
+    """What a stage trains and evaluates on: a shard folder (video shards, or a feature
+    cache), and for video the Augment (fla_ds/augment.py) that turns a stored clip into model
+    input (None for a feature cache)."""
+
+    shards: str
+    augment: Optional[object] = None
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -319,32 +316,45 @@ def stop_signals_blocked():
 class ShardStream:
     """The batches of one split for one rank, epoch after epoch, resumable mid-epoch.
 
-    Usage: ``stream = ShardStream(cfg.stream, rank, world_size)``; per epoch
-    ``stream.set_epoch(e)`` then ``for batch in stream``; checkpoint ``stream.state_dict()``.
-    ``augment`` (default ``cfg.train``) decouples the random augmentation of video from the
-    training plan: the feature extractor plans as evaluation (every clip once) but augments.
+    Usage: ``stream = ShardStream(cfg.stream, rank, world_size, batch_size, Augment(cfg.augment))``;
+    per epoch ``stream.set_epoch(e)`` then ``for batch in stream`` (VideoBatch or FeatureBatch,
+    fla_ds/batch.py); checkpoint ``stream.state_dict()``. ``augment`` is what turns a stored clip
+    into model input (video shards need it; feature caches do not). ``random_augment``
+    (default ``cfg.train``) decouples the random augmentation from the training plan: the
+    feature extractor plans as evaluation (every clip once) but augments.
 
     Index and shards are untrusted input: a missing, malformed or inconsistent index, or a
     split with no samples, raises IndexFormatError here (fla_ds.shards.index); a hostile or
     damaged shard raises ShardFormatError when read (fla_ds.shards.format). Both are one line.
     """
 
-    def __init__(self, cfg, rank: int = 0, world_size: int = 1, shuffle: Optional[bool] = None, limit: int = 0,
-                 augment: Optional[bool] = None):
+    def __init__(self, cfg, rank: int, world_size: int, batch_size: int, augment=None, shuffle: Optional[bool] = None,
+                 limit: int = 0, random_augment: Optional[bool] = None):
         self.cfg = cfg
         self.limit = limit  # only the first ``limit`` samples of each epoch's order (quick evaluations)
         self.rank, self.world_size = rank, world_size
         self.shuffle = cfg.train if shuffle is None else shuffle
-        self.augment = cfg.train if augment is None else augment
+        self.augment = augment
+        self.random_augment = cfg.train if random_augment is None else random_augment
         self.shards = ShardSet.from_index(cfg.shards, cfg.split)
         self.kind = self.shards.kind
+        if self.kind == "video" and augment is None:
+            raise ValueError("ShardStream over video shards needs an Augment (what turns a stored clip into model input)")
         self.counts = list(self.shards.counts)
         self.fingerprint = self.shards.fingerprint
-        self.layout = Layout(world_size, cfg.batch_size, cfg.num_workers)
+        self.layout = Layout(world_size, batch_size, cfg.num_workers)
         self.epoch = 0
         self.history: list[tuple[Layout, int]] = []  # layouts of this epoch before a resume
         self.start_step = 0
         self.steps_done = 0
+
+    @classmethod
+    def from_config(cls, cfg, rank: int = 0, world_size: int = 1, **kwargs) -> "ShardStream":
+        """A stream as a whole config describes it: the ``stream`` section, ``train.micro_batch``
+        and the ``augment`` section (keyword arguments as for the constructor)."""
+        from fla_ds.augment import Augment
+
+        return cls(cfg.stream, rank, world_size, cfg.train.micro_batch, Augment(cfg.augment), **kwargs)
 
     @property
     def num_samples(self) -> int:
@@ -365,10 +375,10 @@ class ShardStream:
         """Batches left in this epoch on this rank (the same on every rank)."""
         return len(self._batches()) - self.steps_done
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         batches = self._batches()
         workers = self.cfg.num_workers
-        dataset = _EpochDataset(self.shards, batches, self.steps_done, workers, self.epoch, self.cfg, self.augment)
+        dataset = _EpochDataset(self, batches, self.steps_done)
         if workers > 0 and len(batches) > self.steps_done:
             # Its own generator: a DataLoader otherwise draws its workers' base seed from the
             # global RNG, so starting one mid-epoch (after a resume) would shift every later
@@ -381,8 +391,8 @@ class ShardStream:
         else:
             batches_iter = iter(dataset)
         for batch in batches_iter:
-            if batch["step"] != self.steps_done:  # the resume guarantee rests on this order
-                raise RuntimeError(f"loader yielded step {batch['step']} where {self.steps_done} was due")
+            if batch.step != self.steps_done:  # the resume guarantee rests on this order
+                raise RuntimeError(f"loader yielded step {batch.step} where {self.steps_done} was due")
             self.steps_done += 1
             yield batch
 

@@ -43,113 +43,41 @@ from fla_ds import checkpoint
 from fla_ds.config import save_resolved
 from fla_ds.distributed import Placement, device
 from fla_ds.runlog import RunLog
-from fla_ds.stream import STOP_SIGNALS, ShardStream
+from fla_ds.batch import Batch
+from fla_ds.engine import accumulation_steps, build_optimizer, fill_ds_config, load_ds_config, resolve_dtype, seed_everything, warmup_cosine
+from fla_ds.stream import STOP_SIGNALS, ShardStream, Source
 
 log = logging.getLogger("fla_ds")
 
 
 class Stage(Protocol):
+    """What the loop needs from a stage (fla_ds/stage1.py, fla_ds/stage2.py)."""
+
     name: str
     hidden_size: int
     """Sizes ZeRO-3's buckets ("auto" values)."""
 
-    def build(self, ds_config: dict) -> torch.nn.Module:
-        """The module DeepSpeed wraps (what is trained). ``ds_config`` is the resolved
-        DeepSpeed config: Hugging Face models need it before loading under ZeRO-3."""
+    def prepare(self) -> None:
+        """Every rank, after the process group exists and before ``build``: the stage's I/O
+        (e.g. stage 1 builds its vocabulary on rank 0 behind a barrier). Constructors do none."""
+
+    def source(self) -> Source: ...
+
+    def build(self, ds_config: dict, dtype: torch.dtype) -> torch.nn.Module:
+        """The module DeepSpeed wraps (what is trained), its parameters in ``dtype``.
+        ``ds_config`` is the resolved DeepSpeed config: Hugging Face models need it before
+        loading under ZeRO-3."""
 
     def param_groups(self, model: torch.nn.Module) -> list[dict]: ...
 
-    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def loss(self, engine, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss summed over the batch's target tokens, their count) on this rank."""
 
-    def translate(self, engine, batch: dict) -> list[str]: ...
+    def translate(self, engine, batch: Batch) -> list[str]: ...
 
     def export(self, engine, step_dir: Path) -> None:
         """Called on every rank at each save (it may gather ZeRO-3 parameters); writes the
         stage's own files (weights for the next stage, adapters, vocabulary) from rank 0."""
-
-
-# ------------------------------------------------------------------ set-up helpers
-
-
-def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
-    """Seeds with a rank offset, so ranks draw different dropout masks."""
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-def use_bf16(precision: str) -> bool:
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"train.precision must be auto, fp32 or bf16, got '{precision}'")
-    return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
-
-
-def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
-    per_step = micro_batch * world
-    if global_batch % per_step:
-        raise ValueError(f"train.global_batch={global_batch} is not a multiple of stream.batch_size x ranks = {micro_batch} x {world}")
-    return global_batch // per_step
-
-
-def fill_ds_config(template: dict, cfg, world: int, hidden_size: int) -> dict:
-    """Resolve every "auto" of a DeepSpeed JSON from our config (only the HF Trainer does it
-    otherwise), so that one JSON serves every run."""
-    micro = cfg.stream.batch_size
-    values = {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accumulation_steps(cfg.train.global_batch, micro, world),
-        "train_batch_size": cfg.train.global_batch,
-        "gradient_clipping": cfg.train.grad_clip,
-        "reduce_bucket_size": hidden_size * hidden_size,
-        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "stage3_param_persistence_threshold": 10 * hidden_size,
-    }
-
-    def resolve(node, key=None):
-        if isinstance(node, dict):
-            return {k: resolve(v, k) for k, v in node.items()}
-        if node == "auto":
-            if key == "enabled":
-                return use_bf16(cfg.train.precision)
-            if key not in values:
-                raise ValueError(f"DeepSpeed config: no value known for \"{key}\": \"auto\"")
-            return values[key]
-        return node
-
-    return resolve(template)
-
-
-def load_ds_config(path: str) -> dict:
-    candidates = [Path(path), Path(__file__).resolve().parent.parent / path]
-    for p in candidates:
-        if p.is_file():
-            try:
-                return json.loads(p.read_text("utf-8"))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{p}: not valid JSON ({exc})") from None
-    raise FileNotFoundError(f"DeepSpeed config {path} not found")
-
-
-def build_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
-    t = cfg.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
-    raise ValueError(f"train.optimizer must be sgd or adamw, got '{t.optimizer}'")
-
-
-def warmup_cosine(total_steps: int, warmup: int, min_ratio: float):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 # ------------------------------------------------------------------ preemption
@@ -195,6 +123,9 @@ class Progress:
 
 
 class Trainer:
+    """The loop: the stage's model under DeepSpeed, the loader, checkpoints, evaluation, the
+    run log. Launch: fla_ds/train.py."""
+
     def __init__(self, cfg, stage: Stage, placement: Placement):
         import deepspeed
 
@@ -207,21 +138,25 @@ class Trainer:
             if not (self.run_dir / "config.yaml").is_file():  # the run's first launch; never rewritten
                 save_resolved(cfg, self.run_dir)
         checkpoint.remove_partials(self.run_dir)
-        self.stream = ShardStream(OmegaConf.merge(cfg.stream, {"split": "train", "train": True}), self.rank, self.world)
-        self.gas = accumulation_steps(cfg.train.global_batch, cfg.stream.batch_size, self.world)
-        ds_config = fill_ds_config(load_ds_config(cfg.train.ds_config), cfg, self.world, stage.hidden_size)
+        stage.prepare()
+        self.source = stage.source()
+        self.dtype = resolve_dtype(cfg.train.precision)  # decided once, here
+        self.stream = ShardStream(OmegaConf.merge(cfg.stream, {"shards": self.source.shards, "split": "train", "train": True}),
+                                  self.rank, self.world, cfg.train.micro_batch, self.source.augment)
+        self.gas = accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, self.world)
+        ds_config = fill_ds_config(load_ds_config(cfg.train.ds_config), cfg, self.world, stage.hidden_size, self.dtype)
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self.resume_from, self.universal = self.prepare_resume()
         if self.universal is not None:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-        model = stage.build(ds_config)
+        model = stage.build(ds_config, self.dtype)
         self.total_steps = self.planned_steps()
         optimizer = build_optimizer(stage.param_groups(model), cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.progress = Progress()
         self.stop = StopFlag()
-        self.log = RunLog(self.run_dir, self.rank, cfg.train.tensorboard, total_steps=self.total_steps)
+        self.log = RunLog(self.run_dir, self.rank, cfg.train.loggers, total_steps=self.total_steps)
 
     def planned_steps(self) -> int:
         per_epoch = len(self.stream) // self.gas
@@ -299,12 +234,12 @@ class Trainer:
         self.engine.eval()
         try:
             return evaluate_split(lambda batch: self.stage.translate(self.engine, batch), self.cfg, self.rank, self.world, out_dir,
-                                  should_stop=self.stop.agreed)
+                                  source=self.source, should_stop=self.stop.agreed)
         finally:
             self.engine.train()
 
     def after_epoch(self) -> str:
-        """Evaluate on dev, save, keep the best by dev BLEU-4, prune old checkpoints. Returns
+        """Evaluate on dev, save, keep the best by ``eval.best_metric``, prune old checkpoints. Returns
         'preempted' when a stop signal cut the evaluation short (saved, with eval_due)."""
         from fla_ds.evaluate.run import EvaluationInterrupted
 
@@ -317,11 +252,12 @@ class Trainer:
             return "preempted"
         self.progress.eval_due = False
         self.log.event("eval", step=self.progress.step, epoch=self.progress.epoch, **{k: v for k, v in metrics.items() if not isinstance(v, str)})
-        bleu4 = metrics.get("bleu4")
+        metric = self.cfg.eval.best_metric
+        score = metrics.get(metric)
         step_dir = self.save(metrics)
-        if bleu4 is not None and (self.progress.best is None or bleu4 > self.progress.best):
-            self.progress.best = bleu4
-            checkpoint.mark_best(self.run_dir, step_dir, "dev bleu4", bleu4)
+        if score is not None and (self.progress.best is None or score > self.progress.best):
+            self.progress.best = score
+            checkpoint.mark_best(self.run_dir, step_dir, f"{self.cfg.eval.split} {metric}", score)
         checkpoint.prune(self.run_dir, self.cfg.train.keep_last)
         return "saved"
 
@@ -338,7 +274,7 @@ class Trainer:
         for batch in self.stream:
             loss, n_tok = self.train_micro_batch(batch)
             losses.append(loss)
-            samples += int(batch["valid"].sum()) * self.world
+            samples += int(batch.valid.sum()) * self.world
             tokens += n_tok * self.world
             if self.stream.steps_done % self.gas:
                 continue
@@ -353,7 +289,7 @@ class Trainer:
             last = self.stream.steps_done >= usable or self.done()  # the epoch's end saves this step
             if cfg.save_every and p.step % cfg.save_every == 0 and not last:
                 self.save()
-            if cfg.eval_every and p.step % cfg.eval_every == 0 and not last:
+            if self.cfg.eval.every_steps and p.step % self.cfg.eval.every_steps == 0 and not last:
                 from fla_ds.evaluate.run import EvaluationInterrupted
 
                 try:

@@ -28,7 +28,7 @@ from test_stage1 import TRAIN, env, run
 from test_stage2 import TINY_STAGE2
 from tiny_assets import TINY_STAGE1, save_tiny_llama, synthetic_shards, train_tiny_tokenizer
 
-VIDEO_STAGE2 = ["stream.crop_size=28", "stream.keep_ratio=0.1", "stream.max_frames=6", "train.epochs=1", "train.max_steps=1", "train.eval_limit=2"]
+VIDEO_STAGE2 = ["augment.crop_size=28", "augment.keep_ratio=0.1", "augment.max_frames=6", "train.epochs=1", "train.max_steps=1", "eval.limit=2"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def assets(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("artifacts")
     shards, tokenizer, llama = synthetic_shards(root), train_tiny_tokenizer(root / "tokenizer"), save_tiny_llama(root / "llama")
     run([sys.executable, TRAIN, "--stage", "1", f"stream.shards={shards}", f"train.tokenizer={tokenizer}", f"train.out={root / 'stage1'}",
-         *TINY_STAGE1, "train.epochs=1", "train.max_steps=1", "train.eval_limit=2"])
+         *TINY_STAGE1, "train.epochs=1", "train.max_steps=1", "eval.limit=2"])
     run([sys.executable, TRAIN, "--stage", "2", f"stage2.encoder={root / 'stage1'}", f"train.out={root / 'stage2'}", *TINY_STAGE2,
          f"stage2.model={llama}", f"stream.shards={shards}", *VIDEO_STAGE2])
     stage2 = root / "stage2" / "step-1"

@@ -36,8 +36,8 @@ def test_an_unknown_key_names_the_closest_valid_one():
 
 def test_an_unknown_key_in_a_file_is_refused(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("stream:\n  batchsize: 4\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'stream.batchsize' \(did you mean 'stream.batch_size'\?\)"):
+    f.write_text("train:\n  microbatch: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.microbatch' \(did you mean 'train.micro_batch'\?\)"):
         load_config(str(f))
 
 
@@ -81,3 +81,41 @@ def test_overrides_may_stand_between_flags(tmp_path):
     assert args.overrides == ["shards.short_side=32", "shards.order_seed=1"] and args.corpus == "manifest"
     with pytest.raises(SystemExit):
         parse(["shards", "build", "--bogus-flag"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.optimizer=adam", "train.optimizer"),
+    ("train.precision=fp16", "train.precision"),
+    ("eval.level=sentence", "eval.level"),
+    ("stage2.backend=mbrat", "'mbrat' is not one of decoder_only, mbart"),
+    ("corpus.name=phoenix", "'phoenix' is not one of"),
+    ("train.loggers=[jsonl,wandbb]", "'wandbb' is not one of"),
+    ("eval.best_metric=bleu5", "(did you mean 'bleu4'?)"),
+])
+def test_closed_sets_are_refused_at_parse_time_in_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_run_folders_keep_no_tooling_sections(tmp_path):
+    from fla_ds.config import TOOLING_SECTIONS, save_resolved
+
+    saved = yaml.safe_load(save_resolved(load_config("demo"), tmp_path).read_text())
+    assert not set(TOOLING_SECTIONS) & set(saved) and {"train", "augment", "eval"} <= set(saved)
+
+
+def test_every_schema_key_is_read_somewhere():
+    """A key nothing reads is a knob that does nothing (stream.shuffle_window was one)."""
+    import re
+
+    from fla_ds.config import all_keys
+
+    package = Path(__file__).resolve().parent.parent / "fla_ds"
+    source = "\n".join(p.read_text() for p in package.rglob("*.py") if p.name != "config.py")
+    unread = []
+    for key in all_keys():
+        section, _, field = key.partition(".")
+        if field and not re.search(rf"\.{field}\b|[\"']{field}[\"']", source):
+            unread.append(key)
+    assert unread == []

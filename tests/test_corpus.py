@@ -393,7 +393,12 @@ def test_open_corpus_from_the_config(how2sign_root, manifest_root):
 
 
 def test_open_corpus_unknown_name_lists_valid_names():
-    cfg = load_config(overrides=["corpus.name=phoenix"])
+    from fla_ds.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'phoenix' is not one of phoenix14t, csl-daily, how2sign, manifest, synthetic"):
+        load_config(overrides=["corpus.name=phoenix"])  # refused at parse time
+    cfg = load_config()
+    cfg.corpus.name = "phoenix"  # a config changed after parsing still cannot open a corpus
     with pytest.raises(CorpusError, match="unknown corpus 'phoenix' .*phoenix14t, csl-daily, how2sign, manifest, synthetic"):
         open_corpus(cfg.corpus)
 

@@ -45,7 +45,7 @@ def assets(tmp_path_factory) -> dict:
     torch.manual_seed(0)
     encoder = VisualEncoder(out_dim=16)
     save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(step / "encoder.safetensors"))
-    save_resolved(load_config(None, ["visual.out_dim=16", "stream.crop_size=28", "stream.keep_ratio=0.1", "stream.max_frames=6"]), step)
+    save_resolved(load_config(None, ["visual.out_dim=16", "augment.crop_size=28", "augment.keep_ratio=0.1", "augment.max_frames=6"]), step)
     write_manifest(step)  # a step folder is complete only with its manifest (fla_ds.artifacts)
     out = root / "cache"
     entries = {
@@ -56,7 +56,7 @@ def assets(tmp_path_factory) -> dict:
 
 
 def feature_cfg(folder: Path, *overrides: str):
-    return load_config(None, [f"stream.shards={folder}", "stream.batch_size=2", *overrides]).stream
+    return load_config(None, [f"stream.shards={folder}", "train.micro_batch=2", *overrides])
 
 
 def read_cache(folder: Path, split: str) -> dict[tuple[int, str], tuple[dict, np.ndarray]]:
@@ -75,19 +75,19 @@ def test_cached_features_match_the_encoder_run_on_the_fly(assets):
     another batch size: eval BatchNorm makes a clip's features independent of its batch)."""
     encoder, _ = load_encoder(assets["step"])
     video_cfg = load_config(str(assets["step"] / "config.yaml"), [f"stream.shards={assets['shards']}", "stream.split=dev", "stream.train=false",
-                                                                  "stream.batch_size=3", "stream.num_workers=0"]).stream
-    cached = {b_id: (f[m], text) for b in collect(ShardStream(feature_cfg(assets["out"], "stream.split=dev", "stream.train=false")))
-              for b_id, f, m, text in zip(b["id"], b["features"], b["features_mask"], b["text"])}
+                                                                  "train.micro_batch=3", "stream.num_workers=0"])
+    cached = {b_id: (f[m], text) for b in collect(ShardStream.from_config(feature_cfg(assets["out"], "stream.split=dev", "stream.train=false")))
+              for b_id, f, m, text in zip(b.id, b.features, b.features_mask, b.text)}
     worst, seen = 0.0, 0
     dev = next(encoder.parameters()).device
     with torch.no_grad():
-        for batch in ShardStream(video_cfg):
-            features, mask = encoder(to_model_input(batch["video"].to(dev), 28, None), batch["video_mask"])
-            for i, clip in enumerate(batch["id"]):
+        for batch in ShardStream.from_config(video_cfg):
+            features, mask = encoder(to_model_input(batch.video.to(dev), 28, None), batch.video_mask)
+            for i, clip in enumerate(batch.id):
                 reference = features[i, mask[i]].float().cpu()
                 cache, text = cached[clip]
-                assert cache.dtype == torch.float16 and cache.shape == reference.shape == (int(batch["video_mask"][i].sum()), 16)
-                assert text == batch["text"][i]
+                assert cache.dtype == torch.float16 and cache.shape == reference.shape == (int(batch.video_mask[i].sum()), 16)
+                assert text == batch.text[i]
                 error = (cache.float() - reference).abs().max().item() / reference.abs().max().item()
                 worst, seen = max(worst, error), seen + 1
     assert seen == len(cached) == 8
@@ -160,39 +160,39 @@ def test_feature_shards_refuse_foreign_and_misshapen_members(tmp_path):
 def test_feature_stream_gives_equal_batches_per_rank(assets, world):
     for train in (True, False):
         cfg = feature_cfg(assets["out"], f"stream.train={train}", "stream.num_workers=0")
-        per_rank = [collect(ShardStream(cfg, r, world)) for r in range(world)]
+        per_rank = [collect(ShardStream.from_config(cfg, r, world)) for r in range(world)]
         assert len({len(b) for b in per_rank}) == 1
-        ids = [i for batches in per_rank for b in batches for i, ok in zip(b["id"], b["valid"].tolist()) if ok]
+        ids = [i for batches in per_rank for b in batches for i, ok in zip(b.id, b.valid.tolist()) if ok]
         assert len(ids) == len(set(ids)) and (24 - len(ids) < world * 2 if train else len(ids) == 24)
         for b in per_rank[0]:
-            assert b["features"].dtype == torch.float16 and b["features_mask"].shape == b["features"].shape[:2]
-            lengths = b["features_mask"].sum(1)
-            assert all(b["features"][i, n:].abs().sum() == 0 for i, n in enumerate(lengths.tolist()))  # padding is zeros
+            assert b.features.dtype == torch.float16 and b.features_mask.shape == b.features.shape[:2]
+            lengths = b.features_mask.sum(1)
+            assert all(b.features[i, n:].abs().sum() == 0 for i, n in enumerate(lengths.tolist()))  # padding is zeros
             if not train:
-                assert b["view"].eq(0).all()  # evaluation reads the centre-crop view
+                assert b.view.eq(0).all()  # evaluation reads the centre-crop view
 
 
 def test_training_reads_one_seeded_view_per_clip_and_resumes_exactly(assets):
     cfg = feature_cfg(assets["out"], "stream.num_workers=2")
-    full = ShardStream(cfg, 0, 1)
+    full = ShardStream.from_config(cfg, 0, 1)
     full.set_epoch(3)
     reference = collect(full)
-    views = {(k, int(v)) for b in reference for k, v in zip(b["key"], b["view"])}
+    views = {(k, int(v)) for b in reference for k, v in zip(b.key, b.view)}
     assert {v for _, v in views} == {0, 1} and len(views) == 24  # each clip once, from either view
     cache = read_cache(assets["out"], "train")
     for b in reference:
-        for i, (key, view) in enumerate(zip(b["key"], b["view"].tolist())):
-            n = int(b["features_mask"][i].sum())
-            assert torch.equal(b["features"][i, :n], torch.from_numpy(cache[(view, key)][1]))
+        for i, (key, view) in enumerate(zip(b.key, b.view.tolist())):
+            n = int(b.features_mask[i].sum())
+            assert torch.equal(b.features[i, :n], torch.from_numpy(cache[(view, key)][1]))
     assert pick_view(0, 3, (1, 2), 2) == pick_view(0, 3, (1, 2), 2)
-    first = ShardStream(cfg, 0, 1)
+    first = ShardStream.from_config(cfg, 0, 1)
     first.set_epoch(3)
     head = collect(first, limit=5)
-    resumed = ShardStream(cfg, 0, 1)
+    resumed = ShardStream.from_config(cfg, 0, 1)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     tail = collect(resumed)
-    assert [b["id"] for b in head + tail] == [b["id"] for b in reference]
-    assert all(torch.equal(a["features"], b["features"]) and torch.equal(a["view"], b["view"]) for a, b in zip(head + tail, reference))
+    assert [b.id for b in head + tail] == [b.id for b in reference]
+    assert all(torch.equal(a.features, b.features) and torch.equal(a.view, b.view) for a, b in zip(head + tail, reference))
 
 
 RANKS_SCRIPT = textwrap.dedent("""

@@ -107,7 +107,7 @@ def test_sigterm_to_torchrun_mid_epoch_saves_at_a_step_boundary_and_resumes_exac
 
 def test_a_signal_during_evaluation_stops_at_the_next_batch_and_the_evaluation_runs_on_resume(assets, tmp_path):
     # Evaluation long enough to be signalled in: every dev clip, beam 5, 16 tokens.
-    settings = ["train.epochs=2", "train.max_steps=4", "train.eval_limit=0", "train.beam_size=5", "train.max_decode_len=16",
+    settings = ["train.epochs=2", "train.max_steps=4", "eval.limit=0", "eval.beam_size=5", "eval.max_new_tokens=16",
                 "stream.num_workers=1"]
     out = tmp_path / "run"
     proc = start(train_cmd(assets, out, 2, *settings))
@@ -230,13 +230,13 @@ def test_a_bad_launch_is_one_line_before_anything_is_written(assets, tmp_path, c
     bad_json.write_text("{ zero_optimization: {stage: 2} ")
     extra, message = {
         "ds-json": ([f"train.ds_config={bad_json}"], "not valid JSON"),
-        "batch": (["train.global_batch=6"], "train.global_batch=6 is not a multiple of stream.batch_size x ranks = 2 x 2"),
+        "batch": (["train.global_batch=6"], "train.global_batch=6 is not a multiple of train.micro_batch x ranks = 2 x 2"),
         "shards": ([f"stream.shards={tmp_path / 'nowhere'}"], "index.json does not exist"),
         "tokenizer": ([f"train.tokenizer={tmp_path}"], "is not a Hugging Face tokenizer folder"),
         "resume-none": (["train.resume=none"], "already holds checkpoints"),
     }[case]
     if case == "resume-none":
-        run(train_cmd(assets, out, 1, "train.epochs=1", "train.max_steps=1", "train.eval_limit=2"))
+        run(train_cmd(assets, out, 1, "train.epochs=1", "train.max_steps=1", "eval.limit=2"))
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     proc = subprocess.run(train_cmd(assets, out, 2, *extra), env=env(), capture_output=True, text=True, timeout=200)
     assert proc.returncode != 0
@@ -249,7 +249,7 @@ def test_a_bad_launch_is_one_line_before_anything_is_written(assets, tmp_path, c
 
 def test_a_rerun_with_another_model_size_is_refused_and_the_run_config_kept(assets, tmp_path):
     out = tmp_path / "run"
-    run(train_cmd(assets, out, 1, "train.epochs=1", "train.max_steps=1", "train.eval_limit=2"))
+    run(train_cmd(assets, out, 1, "train.epochs=1", "train.max_steps=1", "eval.limit=2"))
     config = (out / "config.yaml").read_text()
     proc = subprocess.run(train_cmd(assets, out, 1, "light_t.d_model=64"), env=env(), capture_output=True, text=True, timeout=200)
     assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1
@@ -259,11 +259,11 @@ def test_a_rerun_with_another_model_size_is_refused_and_the_run_config_kept(asse
 
 def test_check_only_checks_for_the_launch_world_size(assets, tmp_path):
     cmd = [sys.executable, TRAIN, "--check", "--stage", "1", f"stream.shards={assets['shards']}", f"train.tokenizer={assets['tokenizer']}",
-           f"train.out={tmp_path / 'run'}", "train.global_batch=8", "stream.batch_size=2"]
+           f"train.out={tmp_path / 'run'}", "train.global_batch=8", "train.micro_batch=2"]
     ok = subprocess.run([*cmd, "--world-size", "4"], env=env(), capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "ok: deepspeed:" in ok.stdout and "4 ranks x micro batch 2 x 1 accumulation = global batch 8" in ok.stdout
     bad = subprocess.run([*cmd, "--world-size", "16"], env=env(), capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "train.global_batch=8 is not a multiple of stream.batch_size x ranks = 2 x 16" in bad.stderr
+    assert bad.returncode == 2 and "train.global_batch=8 is not a multiple of train.micro_batch x ranks = 2 x 16" in bad.stderr
     assert not (tmp_path / "run").exists()
 
 

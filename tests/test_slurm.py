@@ -90,10 +90,10 @@ def test_overrides_from_the_environment_and_the_command_line_go_last():
 
 def test_the_config_and_the_batch_split_are_checked_before_launch(assets, tmp_path):
     inputs = f"stream.shards={assets['shards']} train.tokenizer={assets['tokenizer']}"
-    run = bash(f"fla_ds_check_config 2 --stage 1 {inputs} stream.batch_size=4 train.out={tmp_path / 'x'}", FLA_DS_PYTHON=sys.executable,
+    run = bash(f"fla_ds_check_config 2 --stage 1 {inputs} train.micro_batch=4 train.out={tmp_path / 'x'}", FLA_DS_PYTHON=sys.executable,
                FLA_DS_ROOT=str(ROOT))
     assert run.strip() == str(tmp_path / "x")
-    for ranks, override, message in [(16, "train.out=x", "train.global_batch=8 is not a multiple of stream.batch_size x ranks = 8 x 16"),
+    for ranks, override, message in [(16, "train.out=x", "train.global_batch=8 is not a multiple of train.micro_batch x ranks = 8 x 16"),
                                      (1, "train.lrr=1", "did you mean 'train.lr'")]:
         proc = subprocess.run(["bash", "-c", f'source "{SLURM}/common.sh"; fla_ds_check_config {ranks} --stage 1 {inputs} {override}'],
                               capture_output=True, text=True, timeout=60, env=dict(os.environ, FLA_DS_PYTHON=sys.executable, FLA_DS_ROOT=str(ROOT)))
@@ -247,7 +247,7 @@ def test_stage2_trains_across_two_nodes(slurm_cluster, stage1_job, assets, tmp_p
     assert stage1_job["record"]["JobState"] == "COMPLETED"
     llama = save_tiny_llama(tmp_path / "llama")
     overrides = [f"stream.shards={assets['shards']}", f"stage2.encoder={stage1_job['run']}", f"stage2.model={llama}", "train.out=run2",
-                 "train.epochs=1", "train.max_steps=3", "stage2.lora_r=4", "stage2.num_beams=1", "stage2.max_new_tokens=4",
+                 "train.epochs=1", "train.max_steps=3", "stage2.lora_r=4", "eval.max_new_tokens=4",
                  "stage2.max_target_tokens=16"]
     tiny = [o for o in TINY_STAGE1 if o.startswith(("stream.", "train."))]
     job = slurm_cluster.sbatch([*SMALL, str(SLURM / "stage2.sh"), *overrides], cwd=tmp_path, env=job_env(slurm_cluster, FLA_DS_OVERRIDES=" ".join(tiny)))

@@ -59,7 +59,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 def test_every_shipped_deepspeed_json_fills_its_auto_values():
     from fla_ds.config import load_config
 
-    cfg = load_config(None, ["train.global_batch=8", "stream.batch_size=2"])
+    cfg = load_config(None, ["train.global_batch=8", "train.micro_batch=2"])
     for path in sorted((ROOT / "ds_configs").glob("*.json")):
         filled = fill_ds_config(load_ds_config(str(path)), cfg, world=2, hidden_size=512)
         text = json.dumps(filled)
@@ -95,11 +95,11 @@ def test_two_ranks_train_and_the_loss_falls(assets, tmp_path, zero):
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(assets, tmp_path):
     out = tmp_path / "run"
-    run(train_cmd(assets, out, 1, "train.epochs=1", "train.max_steps=4", "train.save_every=2", "train.eval_limit=2"))
+    run(train_cmd(assets, out, 1, "train.epochs=1", "train.max_steps=4", "train.save_every=2", "eval.limit=2"))
     assert [p.name for p in step_dirs(out)] == ["step-4", "step-2"]
     damaged = out / "step-4" / "model.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:-100])  # truncated
-    proc = run(train_cmd(assets, out, 1, "train.epochs=2", "train.max_steps=6", "train.save_every=2", "train.eval_limit=2"))
+    proc = run(train_cmd(assets, out, 1, "train.epochs=2", "train.max_steps=6", "train.save_every=2", "eval.limit=2"))
     assert "step-4 is not usable" in proc.stderr and "resumed from" in proc.stderr
     assert "step-2" in proc.stderr.split("resumed from")[1].splitlines()[0]
     assert check_complete(out / "step-6", hashes=True) is None
@@ -107,7 +107,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(assets, tmp_path
 
 def test_evaluate_command_scores_a_checkpoint(assets, tmp_path):
     out = tmp_path / "run"
-    run(train_cmd(assets, out, 1, "train.epochs=1", "train.max_steps=2", "train.eval_limit=2"))
+    run(train_cmd(assets, out, 1, "train.epochs=1", "train.max_steps=2", "eval.limit=2"))
     proc = run([sys.executable, "-m", "fla_ds", "evaluate", "--checkpoint", str(out), "--shards", str(assets["shards"]), "--split", "dev", "--beam", "1"])
     assert "bleu4" in proc.stdout and "signjoey" in proc.stdout
     metrics = json.loads((out / "step-2" / "eval-dev" / "metrics.json").read_text())

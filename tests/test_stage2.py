@@ -15,9 +15,9 @@ from test_stage1 import TRAIN, env, free_port, losses, run
 from tiny_assets import TINY_STAGE1, save_tiny_llama, save_tiny_mbart, synthetic_shards, train_tiny_tokenizer
 
 TINY_STAGE2 = [
-    "stream.batch_size=2", "stream.num_workers=1", "train.global_batch=4", "train.optimizer=adamw", "train.lr=3e-3",
-    "stage2.projector_lr=3e-3", "stage2.lora_r=4", "stage2.lora_alpha=8", "stage2.prompt=übersetze bitte", "stage2.max_new_tokens=8",
-    "train.beam_size=2", "train.eval_limit=4", "train.log_every=1",
+    "train.micro_batch=2", "stream.num_workers=1", "train.global_batch=4", "train.optimizer=adamw", "train.lr=3e-3",
+    "stage2.projector_lr=3e-3", "stage2.lora_r=4", "stage2.lora_alpha=8", "stage2.prompt=übersetze bitte", "eval.max_new_tokens=8",
+    "eval.beam_size=2", "eval.limit=4", "train.log_every=1",
 ]
 
 
@@ -28,7 +28,7 @@ def assets(tmp_path_factory) -> dict:
     tokenizer = train_tiny_tokenizer(root / "tokenizer")
     stage1 = root / "stage1"
     run([sys.executable, TRAIN, "--stage", "1", f"stream.shards={shards}", f"train.tokenizer={tokenizer}", f"train.out={stage1}",
-         *TINY_STAGE1, "train.epochs=1", "train.max_steps=2", "train.eval_limit=2"])
+         *TINY_STAGE1, "train.epochs=1", "train.max_steps=2", "eval.limit=2"])
     features = root / "features"
     run([sys.executable, "-m", "fla_ds", "features", "extract", "--checkpoint", str(stage1), "--shards", str(shards), "--out", str(features), "--workers", "1"])
     return {"shards": shards, "stage1": stage1, "features": features, "llama": save_tiny_llama(root / "llama"), "mbart": save_tiny_mbart(root / "mbart")}
@@ -55,10 +55,10 @@ from fla_ds.inference import load_translator
 from fla_ds.stream import ShardStream
 step, features = sys.argv[1], sys.argv[2]
 t = load_translator(step)
-cfg = OmegaConf.merge(t.cfg.stream, {"shards": features, "split": "dev", "train": False, "num_workers": 0, "batch_size": 2})
+stream_cfg = OmegaConf.merge(t.cfg.stream, {"shards": features, "split": "dev", "train": False, "num_workers": 0})
 out = {}
-for batch in ShardStream(cfg, 0, 1, limit=4):
-    for i, text, ok in zip(batch["id"], t(batch), batch["valid"].tolist()):
+for batch in ShardStream(stream_cfg, 0, 1, 2, t.augment, limit=4):
+    for i, text, ok in zip(batch.id, t(batch), batch.valid.tolist()):
         if ok:
             out[i] = text
 print(json.dumps(out))
@@ -113,8 +113,8 @@ def test_mbart_backend_trains(assets, tmp_path):
 
 def test_training_from_video_without_a_cache(assets, tmp_path):
     out = tmp_path / "run"
-    run(stage2_cmd(assets, out, 1, f"stage2.model={assets['llama']}", f"stream.shards={assets['shards']}", "stream.crop_size=28",
-                   "stream.keep_ratio=0.1", "stream.max_frames=6", "train.epochs=1", "train.max_steps=3"))
+    run(stage2_cmd(assets, out, 1, f"stage2.model={assets['llama']}", f"stream.shards={assets['shards']}", "augment.crop_size=28",
+                   "augment.keep_ratio=0.1", "augment.max_frames=6", "train.epochs=1", "train.max_steps=3"))
     assert sorted(losses(out)) == [1, 2, 3]
 
 

@@ -36,7 +36,7 @@ def uneven_shards(tmp_path_factory) -> Path:
 
 
 def stream_cfg(shards: Path, *overrides: str):
-    return load_config(None, [f"stream.shards={shards}", "stream.batch_size=2", "stream.crop_size=28", *overrides]).stream
+    return load_config(None, [f"stream.shards={shards}", "train.micro_batch=2", "augment.crop_size=28", *overrides])
 
 
 def collect(stream: ShardStream, limit: int | None = None) -> list[dict]:
@@ -90,20 +90,20 @@ def test_changed_layout_replans_only_what_was_not_consumed():
 @pytest.mark.parametrize("train", [True, False])
 def test_stream_yields_uint8_batches_with_masks_that_become_model_input(uneven_shards, train):
     cfg = stream_cfg(uneven_shards, "stream.num_workers=0", f"stream.train={train}")
-    batch = next(iter(ShardStream(cfg, 0, 1)))
-    video, mask = batch["video"], batch["video_mask"]
+    batch = next(iter(ShardStream.from_config(cfg, 0, 1)))
+    video, mask = batch.video, batch.video_mask
     # Frames are 40x32 (short side 32): training keeps the 32x32 canvas for the device-side
     # warp, evaluation the exact 28x28 centre crop (0.875 of 32).
     side = 32 if train else 28
     assert video.dtype == torch.uint8 and video.shape[0] == 2 and video.shape[2:] == (side, side, 3)
     assert mask.shape == video.shape[:2] and mask.dtype == torch.bool
-    assert (batch["affine"] is not None) == train
+    assert (batch.affine is not None) == train
     lengths = mask.sum(1)
     assert lengths.max() == video.shape[1]
     for i, n in enumerate(lengths.tolist()):
         assert video[i, n:].abs().sum() == 0  # padding is zeros
-    assert all(isinstance(t, str) and t for t in batch["text"])
-    x = to_model_input(video, 28, batch["affine"])
+    assert all(isinstance(t, str) and t for t in batch.text)
+    x = to_model_input(video, 28, batch.affine)
     assert x.shape == (2, video.shape[1], 3, 28, 28) and x.dtype == torch.float32
     if not train:  # no warp: exactly the normalised pixels
         mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -112,56 +112,57 @@ def test_stream_yields_uint8_batches_with_masks_that_become_model_input(uneven_s
 
 
 def test_training_draws_quarter_of_frames_with_augmentation(uneven_shards):
-    train = ShardStream(stream_cfg(uneven_shards, "stream.num_workers=0"), 0, 1)
-    evaluation = ShardStream(stream_cfg(uneven_shards, "stream.num_workers=0", "stream.train=false"), 0, 1)
+    train = ShardStream.from_config(stream_cfg(uneven_shards, "stream.num_workers=0"), 0, 1)
+    evaluation_cfg = stream_cfg(uneven_shards, "stream.num_workers=0", "stream.train=false")
+    evaluation = ShardStream.from_config(evaluation_cfg, 0, 1)
     t_batches, e_batches = collect(train), collect(evaluation)
     # Clips have 6..14 frames: a quarter is 2..4 (rounded), never more.
-    assert all(2 <= n <= 4 for b in t_batches + e_batches for n in b["video_mask"].sum(1).tolist())
+    assert all(2 <= n <= 4 for b in t_batches + e_batches for n in b.video_mask.sum(1).tolist())
     # Evaluation is deterministic; training differs from epoch to epoch.
-    assert all(torch.equal(a["video"], b["video"]) for a, b in zip(e_batches, collect(ShardStream(evaluation.cfg, 0, 1))))
+    assert all(torch.equal(a.video, b.video) for a, b in zip(e_batches, collect(ShardStream.from_config(evaluation_cfg, 0, 1))))
     train.set_epoch(1)
     again = collect(train)
-    assert [b["id"] for b in again] != [b["id"] for b in t_batches]
+    assert [b.id for b in again] != [b.id for b in t_batches]
 
 
 def test_resume_mid_epoch_continues_exactly(uneven_shards):
     cfg = stream_cfg(uneven_shards, "stream.num_workers=2")
-    full = ShardStream(cfg, 0, 1)
+    full = ShardStream.from_config(cfg, 0, 1)
     full.set_epoch(2)
     reference = collect(full)
-    first = ShardStream(cfg, 0, 1)
+    first = ShardStream.from_config(cfg, 0, 1)
     first.set_epoch(2)
     head = collect(first, limit=4)
     state = json.loads(json.dumps(first.state_dict()))
-    resumed = ShardStream(cfg, 0, 1)
+    resumed = ShardStream.from_config(cfg, 0, 1)
     resumed.load_state_dict(state)
     assert len(resumed) == len(reference) - 4
     tail = collect(resumed)
-    assert [b["id"] for b in head + tail] == [b["id"] for b in reference]
-    assert all(torch.equal(a["video"], b["video"]) for a, b in zip(head + tail, reference))
+    assert [b.id for b in head + tail] == [b.id for b in reference]
+    assert all(torch.equal(a.video, b.video) for a, b in zip(head + tail, reference))
 
 
 def test_resume_with_other_workers_and_ranks_repeats_nothing(uneven_shards):
     cfg = stream_cfg(uneven_shards, "stream.num_workers=2")
-    first = ShardStream(cfg, 0, 2)
+    first = ShardStream.from_config(cfg, 0, 2)
     first.set_epoch(0)
-    consumed = [i for b in collect(first, limit=2) for i in b["id"]]
-    other = ShardStream(cfg, 1, 2)
+    consumed = [i for b in collect(first, limit=2) for i in b.id]
+    other = ShardStream.from_config(cfg, 1, 2)
     other.set_epoch(0)
-    consumed += [i for b in collect(other, limit=2) for i in b["id"]]
+    consumed += [i for b in collect(other, limit=2) for i in b.id]
     state = first.state_dict()
     new_cfg = stream_cfg(uneven_shards, "stream.num_workers=1")
     rest = []
     for rank in range(3):
-        s = ShardStream(new_cfg, rank, 3)
+        s = ShardStream.from_config(new_cfg, rank, 3)
         s.load_state_dict(state)
-        rest += [i for b in collect(s) for i in b["id"]]
+        rest += [i for b in collect(s) for i in b.id]
     assert not set(consumed) & set(rest) and len(rest) == len(set(rest))
     assert 23 - len(consumed) - len(rest) < 3 * 2  # only the training remainder is left out
 
 
 def test_state_of_other_shards_is_refused(uneven_shards):
-    stream = ShardStream(stream_cfg(uneven_shards), 0, 1)
+    stream = ShardStream.from_config(stream_cfg(uneven_shards), 0, 1)
     state = stream.state_dict() | {"fingerprint": "0" * 64}
     with pytest.raises(ValueError, match="other shards"):
         stream.load_state_dict(state)

@@ -79,13 +79,13 @@ def folder(good, tmp_path) -> Path:
 
 def stream_cfg(folder: Path, split: str = "train"):
     return load_config(None, [f"stream.shards={folder}", f"stream.split={split}", "stream.train=false", "stream.num_workers=0",
-                              "stream.batch_size=1"]).stream
+                              "train.micro_batch=1"])
 
 
 def loader_error(folder: Path, split: str = "train") -> str:
     """The loader's error over the whole split (evaluation reads every shard to its end)."""
     with deadline(), pytest.raises(ShardFormatError) as info:
-        for _ in ShardStream(stream_cfg(folder, split)):
+        for _ in ShardStream.from_config(stream_cfg(folder, split)):
             pass
     message = str(info.value)
     assert "\n" not in message and "Traceback" not in message
@@ -171,8 +171,8 @@ def test_good_shards_load_verify_and_read_with_webdataset_public_api(good, capsy
     stay plain WebDataset shards (its public API gives the same keys and json)."""
     import webdataset as wds
 
-    batches = list(ShardStream(stream_cfg(good)))
-    assert sorted(i for b in batches for i in b["id"]) == [f"s{i:03d}" for i in range(5)]
+    batches = list(ShardStream.from_config(stream_cfg(good)))
+    assert sorted(i for b in batches for i in b.id) == [f"s{i:03d}" for i in range(5)]
     assert main(["shards", "verify", str(good), "--decode"]) == 0
     assert capsys.readouterr().out.strip().endswith("OK")
     for shard in load_index(good, "train")["shards"]:
@@ -185,7 +185,7 @@ def test_good_shards_load_verify_and_read_with_webdataset_public_api(good, capsy
 def test_a_symlink_to_a_shard_inside_the_folder_is_followed(folder):
     (folder / SHARD0).rename(folder / "real.tar")
     (folder / SHARD0).symlink_to("real.tar")
-    assert len(list(ShardStream(stream_cfg(folder)))) == 5
+    assert len(list(ShardStream.from_config(stream_cfg(folder)))) == 5
 
 
 # ------------------------------------------------------------------ hostile members
@@ -504,9 +504,9 @@ def test_a_feature_cache_with_views_loads_and_a_forged_layout_is_refused(tmp_pat
     good = tmp_path / "good"
     good.mkdir()
     feature_cache(good, [[2, 1], [2, 1]])
-    cfg = load_config(None, [f"stream.shards={good}", "stream.batch_size=1", "stream.num_workers=0"]).stream
-    batches = list(ShardStream(cfg))
-    assert len(batches) == 3 and {int(b["view"]) for b in batches} <= {0, 1}
+    cfg = load_config(None, [f"stream.shards={good}", "train.micro_batch=1", "stream.num_workers=0"])
+    batches = list(ShardStream.from_config(cfg))
+    assert len(batches) == 3 and {int(b.view) for b in batches} <= {0, 1}
     assert main(["shards", "verify", str(good)]) == 0
     capsys.readouterr()
     forged = tmp_path / "forged"

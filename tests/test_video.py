@@ -208,9 +208,9 @@ def test_translate_reads_a_rotated_clip_upright(tmp_path):
     from fla_ds.inference import clip_batch
 
     video = write_oriented(tmp_path / "square.mp4", "rot90cw", numbers=range(8), display_size=(96, 96))
-    cfg = load_config(None, ["stream.keep_ratio=1.0", "stream.crop_fraction=1.0", "shards.short_side=96"])
+    cfg = load_config(None, ["augment.keep_ratio=1.0", "augment.crop_fraction=1.0", "shards.short_side=96"])
     batch = clip_batch([str(video.path)], cfg)
-    clip = batch["video"][0].numpy()
+    clip = batch.video[0].numpy()
     assert clip.shape == (8, 96, 96, 3)
     assert numbers(list(clip)) == list(range(8))
 

@@ -19,10 +19,10 @@ TOKENIZER_TEXTS = [
 # A stage-1 model and loader small enough for CPU tests (2-layer Light-T, 28-pixel crops).
 TINY_STAGE1 = [
     "visual.out_dim=32", "light_t.d_model=32", "light_t.heads=2", "light_t.encoder_layers=1", "light_t.decoder_layers=1",
-    "light_t.ffn=64", "light_t.adapter_hidden=32", "light_t.max_target_len=16", "light_t.dropout=0.1",
-    "stream.batch_size=2", "stream.num_workers=1", "stream.crop_size=28", "stream.keep_ratio=0.1", "stream.max_frames=6",
-    "train.global_batch=4", "train.optimizer=adamw", "train.lr=3e-3", "train.log_every=1", "train.beam_size=2",
-    "train.eval_limit=4", "train.max_decode_len=8",
+    "light_t.ffn=64", "light_t.adapter_hidden=32", "light_t.max_target_tokens=16", "light_t.dropout=0.1",
+    "train.micro_batch=2", "stream.num_workers=1", "augment.crop_size=28", "augment.keep_ratio=0.1", "augment.max_frames=6",
+    "train.global_batch=4", "train.optimizer=adamw", "train.lr=3e-3", "train.log_every=1", "eval.beam_size=2",
+    "eval.limit=4", "eval.max_new_tokens=8",
 ]
 
 

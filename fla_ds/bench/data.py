@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fla_ds.augment import sample_frame_indices, to_model_input, train_crop
+from fla_ds.augment import Augment, sample_frame_indices, train_crop
 from fla_ds.config import load_config
 from fla_ds.frame_folder import list_frame_files
 from fla_ds.frames import FramePack, decode_jpeg
@@ -91,10 +91,11 @@ def bench_device_step(shards: Path, cfg) -> float:
 
     from fla_ds.stream import ShardStream
 
-    stream = ShardStream(OmegaConf.merge(cfg, {"shards": str(shards), "split": "train", "num_workers": 0, "batch_size": 4, "train": True}), 0, 1)
+    augment = Augment(cfg.augment)
+    stream = ShardStream(OmegaConf.merge(cfg.stream, {"shards": str(shards), "split": "train", "num_workers": 0, "train": True}), 0, 1, 4, augment)
     batch = next(iter(stream))
-    seconds, _ = timed(lambda: [to_model_input(batch["video"], cfg.crop_size, batch["affine"]) for _ in range(3)])
-    return seconds / (3 * batch["video"].shape[0])
+    seconds, _ = timed(lambda: [augment.model_input(batch.video, batch.affine) for _ in range(3)])
+    return seconds / (3 * batch.video.shape[0])
 
 
 def shard_packs(shards: Path) -> list[FramePack]:
@@ -161,8 +162,8 @@ def bench_loader(shards: Path, cfg) -> tuple[float, int]:
 
     from omegaconf import OmegaConf
 
-    one_worker = {"shards": str(shards), "split": "train", "num_workers": 0, "batch_size": 1, "train": True}
-    stream = ShardStream(OmegaConf.merge(cfg, one_worker), 0, 1)
+    one_worker = {"shards": str(shards), "split": "train", "num_workers": 0, "train": True}
+    stream = ShardStream(OmegaConf.merge(cfg.stream, one_worker), 0, 1, 1, Augment(cfg.augment))
     def run():
         return sum(1 for _ in stream)
     seconds, clips = timed(run)
@@ -185,13 +186,13 @@ def run_data(cfg) -> int:
         frames_total = summary.index["frames"]
         shard_bytes = summary.index["bytes"] / b.clips
 
-        s = cfg.stream
+        s = cfg.augment
         packs = shard_packs(scratch / "shards")
-        loader_s, loaded = bench_loader(scratch / "shards", s)
+        loader_s, loaded = bench_loader(scratch / "shards", cfg)
         bare_s = bench_bare_decode(packs, s)
         png_s = bench_png_folders(manifest, b.clips, s)
         h264_s, h264_bytes = bench_h264(packs, scratch, s)
-        device_s = bench_device_step(scratch / "shards", s)
+        device_s = bench_device_step(scratch / "shards", cfg)
 
         rate = lambda seconds: b.clips / seconds
         rows = [

@@ -23,7 +23,9 @@ def stage2_step_times(cfg, step_dir: Path, shards: Path, features: Path, steps: 
     base = {"split": "train", "train": True, "num_workers": 1}
 
     def timed_steps(source: Path) -> float:
-        stream = ShardStream(OmegaConf.merge(cfg.stream, base, {"shards": str(source)}), 0, 1)
+        from fla_ds.augment import Augment
+
+        stream = ShardStream(OmegaConf.merge(cfg.stream, base, {"shards": str(source)}), 0, 1, cfg.train.micro_batch, Augment(enc_cfg.augment))
         batches = iter(stream)
         next_batch = lambda: next(batches)
         run_step(model, optimizer, encoder, enc_cfg, next_batch())  # warm-up
@@ -35,14 +37,16 @@ def stage2_step_times(cfg, step_dir: Path, shards: Path, features: Path, steps: 
     return timed_steps(features), timed_steps(shards)
 
 
-def run_step(model, optimizer, encoder, enc_cfg, batch: dict) -> None:
+def run_step(model, optimizer, encoder, enc_cfg, batch) -> None:
     """One training step; the batch's kind (features or video) decides whether the encoder runs."""
     import torch
 
-    from fla_ds.stage2 import batch_features
+    from fla_ds.augment import Augment
+    from fla_ds.batch import prepare_features
+    from fla_ds.distributed import device
 
-    feats, mask = batch_features(batch, encoder, enc_cfg.stream.crop_size, torch.float32)
-    loss_sum, n_tokens = model(feats, mask, batch["text"])
+    feats, mask = prepare_features(batch, encoder, Augment(enc_cfg.augment), torch.float32, device())
+    loss_sum, n_tokens = model(feats, mask, batch.text)
     (loss_sum / n_tokens).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -58,14 +62,14 @@ def run_stage2(cfg) -> int:
         print(f"bench stage2: run the demo first (make demo); missing: {', '.join(missing)}")
         return 2
     step_dir = resolve_step_dir(out / "stage1")
-    steps = cfg.bench.clips // cfg.stream.batch_size or 3
-    print(f"bench stage2: demo configuration (batch {cfg.stream.batch_size}, SmolLM2-135M QLoRA={cfg.stage2.qlora}), {steps} steps each, one process")
+    steps = cfg.bench.clips // cfg.train.micro_batch or 3
+    print(f"bench stage2: demo configuration (batch {cfg.train.micro_batch}, SmolLM2-135M QLoRA={cfg.stage2.qlora}), {steps} steps each, one process")
     cached, live = stage2_step_times(cfg, step_dir, out / "shards", out / "features", steps)
     print(f"  step from the feature cache:        {cached:7.2f} s")
     print(f"  step with the frozen encoder live:  {live:7.2f} s")
     print(f"  ratio on-the-fly / cache: {live / cached:.2f}   (goal >= 2)")
-    paper = paper_encoder_seconds(cfg.stream.batch_size)
-    print(f"  frozen encoder alone at the paper's input (ResNet-18 out_dim 1024, {cfg.stream.batch_size} clips x 29 frames x 224x224): {paper:.2f} s")
+    paper = paper_encoder_seconds(cfg.train.micro_batch)
+    print(f"  frozen encoder alone at the paper's input (ResNet-18 out_dim 1024, {cfg.train.micro_batch} clips x 29 frames x 224x224): {paper:.2f} s")
     print(f"  ratio at that input, (cache step + encoder) / cache step: {(cached + paper) / cached:.2f}")
     return 0
 

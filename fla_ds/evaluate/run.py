@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from fla_ds.atomic import atomic_write_json, atomic_write_text
 from fla_ds.evaluate.metrics import score
+from fla_ds.batch import Batch
 from fla_ds.stream import ShardStream
 
 
@@ -23,7 +24,7 @@ class EvaluationInterrupted(Exception):
     """Every rank agreed to stop (a preemption signal) in the middle of an evaluation."""
 
 
-def decode_split(translate: Callable[[dict], list[str]], stream: ShardStream,
+def decode_split(translate: Callable[[Batch], list[str]], stream: ShardStream,
                  should_stop: Optional[Callable[[], bool]] = None) -> list[tuple[str, str, str]]:
     """(id, hypothesis, reference) of this rank's valid samples. ``should_stop`` (a collective:
     every rank has the same number of batches) is asked before each batch; raises
@@ -33,7 +34,7 @@ def decode_split(translate: Callable[[dict], list[str]], stream: ShardStream,
         if should_stop is not None and should_stop():
             raise EvaluationInterrupted()
         hyps = translate(batch)
-        for sample_id, hyp, ref, valid in zip(batch["id"], hyps, batch["text"], batch["valid"].tolist()):
+        for sample_id, hyp, ref, valid in zip(batch.id, hyps, batch.text, batch.valid.tolist()):
             if valid:
                 rows.append((sample_id, hyp, ref))
     return rows
@@ -53,14 +54,16 @@ def write_results(out_dir: Path, rows: list[tuple[str, str, str]], metrics: dict
     atomic_write_json(out_dir / "metrics.json", metrics)
 
 
-def evaluate_split(translate: Callable[[dict], list[str]], cfg, rank: int, world: int, out_dir: Path, split: str = "",
+def evaluate_split(translate: Callable[[Batch], list[str]], cfg, rank: int, world: int, out_dir: Path, source, split: str = "",
                    should_stop: Optional[Callable[[], bool]] = None) -> dict:
-    """Decode ``split`` (default: train.eval_split) of ``cfg.stream.shards`` and score it.
-    Raises EvaluationInterrupted (see decode_split)."""
-    stream_cfg = OmegaConf.merge(cfg.stream, {"split": split or cfg.train.eval_split, "train": False})
-    stream = ShardStream(stream_cfg, rank, world, limit=cfg.train.eval_limit)
+    """Decode ``split`` (default: eval.split) of ``source`` (fla_ds.trainer.Source: the shards
+    and the Augment the model reads them with) and score it. Raises EvaluationInterrupted (see
+    decode_split)."""
+    stream_cfg = OmegaConf.merge(cfg.stream, {"shards": source.shards, "split": split or cfg.eval.split, "train": False})
+    stream = ShardStream(stream_cfg, rank, world, cfg.train.micro_batch, source.augment, limit=cfg.eval.limit)
     rows = sorted(gather_rows(decode_split(translate, stream, should_stop)))
-    metrics = score([h for _, h, _ in rows], [r for _, _, r in rows], level=cfg.eval.level, phoenix_period=cfg.eval.phoenix_period) if rows else {"n": 0}
+    e = cfg.eval
+    metrics = score([h for _, h, _ in rows], [r for _, _, r in rows], level=e.level.value, phoenix_period=e.phoenix_period) if rows else {"n": 0}
     if rank == 0:
         write_results(out_dir, rows, metrics)
     return metrics
