@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Optional, Sequence
+from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -23,10 +23,7 @@ epoch's remaining samples over the new layout (fla_ds/stream.py).
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-import random
 import shutil
 import signal
 import time
