@@ -25,8 +25,7 @@ from fla_ds.model import VisualEncoder
 from fla_ds.shards import ShardFormatError, iter_raw_samples, load_index
 from fla_ds.shards.format import parse_feature_sample
 from fla_ds.stream import ShardStream, pick_view
-from test_stream import collect, free_port
-from tiny_assets import synthetic_shards
+from helpers import collect, free_port, synthetic_shards
 
 # fp16 keeps 11 significant bits: rounding moves a value by at most 2^-11 (4.9e-4) of itself,
 # so cached features may differ from float32 ones by up to that much of the clip's largest

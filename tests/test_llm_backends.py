@@ -20,7 +20,7 @@ from transformers import MBartForConditionalGeneration
 from fla_ds.model.llm import IGNORE_INDEX, VisualLLM, load_decoder_only, save_adapter
 from fla_ds.model.mbart import IdMap, VisualMBart, load_encoder_decoder, trim_mbart_vocab
 from fla_ds.model.projector import Projector
-from tiny_assets import TINY_MBART_LANG, save_tiny_llama, save_tiny_mbart
+from helpers import TINY_MBART_LANG, save_tiny_llama, save_tiny_mbart
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from fla_ds.checkpoint import check_complete, step_dirs
-from test_stage1 import TRAIN, env, losses, run, train_cmd
-from tiny_assets import synthetic_shards, train_tiny_tokenizer
+from helpers import TRAIN, env, losses, run, train_cmd
+from helpers import synthetic_shards, train_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ synthetic corpus; checkpoint fallback; evaluation (signals and requeues: tests/t
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,46 +12,12 @@ from safetensors.torch import load_file
 
 from fla_ds.checkpoint import check_complete, step_dirs
 from fla_ds.trainer import fill_ds_config, load_ds_config
-from tiny_assets import TINY_STAGE1, synthetic_shards, train_tiny_tokenizer
-
-ROOT = Path(__file__).resolve().parent.parent
-TRAIN = str(ROOT / "fla_ds" / "train.py")
-TINY = TINY_STAGE1
-
+from helpers import ROOT, TRAIN, env, losses, run, synthetic_shards, train_cmd, train_tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("stage1")
     return {"shards": synthetic_shards(root), "tokenizer": train_tiny_tokenizer(root / "tokenizer")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train_cmd(assets: dict, out: Path, ranks: int, *overrides: str) -> list[str]:
-    args = [f"stream.shards={assets['shards']}", f"train.tokenizer={assets['tokenizer']}", f"train.out={out}", *TINY, *overrides]
-    if ranks == 1:
-        return [sys.executable, TRAIN, "--stage", "1", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), TRAIN, "--stage", "1", *args]
-
-
-def env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-
-
-def run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def test_every_shipped_deepspeed_json_fills_its_auto_values():

@@ -6,20 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from fla_ds.checkpoint import check_complete
-from test_stage1 import TRAIN, env, free_port, losses, run
-from tiny_assets import TINY_STAGE1, save_tiny_llama, save_tiny_mbart, synthetic_shards, train_tiny_tokenizer
-
-TINY_STAGE2 = [
-    "train.micro_batch=2", "stream.num_workers=1", "train.global_batch=4", "train.optimizer=adamw", "train.lr=3e-3",
-    "stage2.projector_lr=3e-3", "stage2.lora_r=4", "stage2.lora_alpha=8", "stage2.prompt=übersetze bitte", "eval.max_new_tokens=8",
-    "eval.beam_size=2", "eval.limit=4", "train.log_every=1",
-]
-
+from helpers import TINY_STAGE1, TRAIN, env, losses, run, save_tiny_llama, save_tiny_mbart, stage2_cmd, synthetic_shards, train_tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
@@ -32,14 +23,6 @@ def assets(tmp_path_factory) -> dict:
     features = root / "features"
     run([sys.executable, "-m", "fla_ds", "features", "extract", "--checkpoint", str(stage1), "--shards", str(shards), "--out", str(features), "--workers", "1"])
     return {"shards": shards, "stage1": stage1, "features": features, "llama": save_tiny_llama(root / "llama"), "mbart": save_tiny_mbart(root / "mbart")}
-
-
-def stage2_cmd(assets: dict, out: Path, ranks: int, *overrides: str) -> list[str]:
-    args = [f"stage2.encoder={assets['stage1']}", f"train.out={out}", *TINY_STAGE2, *overrides]
-    if ranks == 1:
-        return [sys.executable, TRAIN, "--stage", "2", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), TRAIN, "--stage", "2", *args]
 
 
 def falls(curve: dict[int, float]) -> bool:

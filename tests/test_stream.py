@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from corpus_factory import frames_corpus
+from helpers import collect, free_port
 from fla_ds.augment import to_model_input
 from fla_ds.config import load_config
 from fla_ds.shards import build_shards
@@ -37,15 +37,6 @@ def uneven_shards(tmp_path_factory) -> Path:
 
 def stream_cfg(shards: Path, *overrides: str):
     return load_config(None, [f"stream.shards={shards}", "train.micro_batch=2", "augment.crop_size=28", *overrides])
-
-
-def collect(stream: ShardStream, limit: int | None = None) -> list[dict]:
-    out = []
-    for batch in stream:
-        out.append(batch)
-        if limit is not None and len(out) == limit:
-            break
-    return out
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8, 40])
@@ -166,12 +157,6 @@ def test_state_of_other_shards_is_refused(uneven_shards):
     state = stream.state_dict() | {"fingerprint": "0" * 64}
     with pytest.raises(ValueError, match="other shards"):
         stream.load_state_dict(state)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

@@ -14,7 +14,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from corpus_factory import frames_corpus  # noqa: E402
-from tiny_assets import train_tiny_tokenizer  # noqa: E402
+from helpers import train_tiny_tokenizer  # noqa: E402
 from fla_ds.config import load_config  # noqa: E402
 from fla_ds.shards import ShardFormatError, build_shards, load_index  # noqa: E402
 from fla_ds.vocab import TrimmedVocab, VocabError, build_vocab, build_vocab_files, load_tokenizer, shard_texts  # noqa: E402

@@ -1,6 +1,14 @@
-"""Tiny real assets for tests: a byte-level BPE tokenizer trained offline (GPT-2 style, as
-SmolLM2's), and small synthetic corpora built into shards with the real builder."""
+"""What tests share (test modules never import one another): tiny real assets (a byte-level
+BPE tokenizer trained offline, GPT-2 style as SmolLM2's; tiny random LLaMA, mBART; small
+synthetic corpora built into shards with the real builder), the tiny stage-1/stage-2
+settings, and running fla_ds/train.py as a user would (under torchrun for several ranks)."""
 from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
 
 from pathlib import Path
 from typing import Iterable
@@ -108,3 +116,64 @@ def save_tiny_mbart(folder: Path, texts: Iterable[str] = TOKENIZER_TEXTS, vocab_
         torch.manual_seed(seed)
         MBartForConditionalGeneration(config).save_pretrained(folder)
     return folder
+
+
+# ------------------------------------------------------------------ running train.py
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = str(ROOT / "fla_ds" / "train.py")
+
+TINY_STAGE2 = [
+    "train.micro_batch=2", "stream.num_workers=1", "train.global_batch=4", "train.optimizer=adamw", "train.lr=3e-3",
+    "stage2.projector_lr=3e-3", "stage2.lora_r=4", "stage2.lora_alpha=8", "stage2.prompt=übersetze bitte", "eval.max_new_tokens=8",
+    "eval.beam_size=2", "eval.limit=4", "train.log_every=1",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(stage: int, ranks: int, args: list[str]) -> list[str]:
+    """The command a user runs: python fla_ds/train.py, or torchrun for several ranks."""
+    if ranks == 1:
+        return [sys.executable, TRAIN, "--stage", str(stage), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), TRAIN, "--stage", str(stage), *args]
+
+
+def train_cmd(assets: dict, out: Path, ranks: int, *overrides: str) -> list[str]:
+    """Stage 1 on ``assets`` (shards, tokenizer) with the tiny settings."""
+    return launch(1, ranks, [f"stream.shards={assets['shards']}", f"train.tokenizer={assets['tokenizer']}", f"train.out={out}", *TINY_STAGE1, *overrides])
+
+
+def stage2_cmd(assets: dict, out: Path, ranks: int, *overrides: str) -> list[str]:
+    """Stage 2 on ``assets`` (stage1 run folder) with the tiny settings."""
+    return launch(2, ranks, [f"stage2.encoder={assets['stage1']}", f"train.out={out}", *TINY_STAGE2, *overrides])
+
+
+def env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+def run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def collect(stream, limit: int | None = None) -> list:
+    """The batches of a ShardStream (the first ``limit``)."""
+    out = []
+    for batch in stream:
+        out.append(batch)
+        if limit is not None and len(out) == limit:
+            break
+    return out
