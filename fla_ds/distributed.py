@@ -37,6 +37,12 @@ def first_host(nodelist: str) -> str:
             return out.stdout.split()[0]
     except (OSError, subprocess.TimeoutExpired):
         pass
+    return first_host_of(nodelist)
+
+
+def first_host_of(nodelist: str) -> str:
+    """The first host of a Slurm node list in its common forms, without scontrol: 'n1,n2',
+    'gpu[03-05,07]', 'gpu[03-05,07],cpu01' (zero padding kept)."""
     head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
     if "[" not in head:
         return head

@@ -273,7 +273,7 @@ def test_the_cuts_of_one_video_are_planned_together_and_shards_stay_identical_ac
     """Rows of one raw video spread over the manifest land in one shard, in time order, and
     are read in one pass; frame folders around them keep the plain seeded order."""
     from fla_ds.config import load_config
-    from fla_ds.shards.build import make_plan
+    from fla_ds.shards.plan import make_plan
 
     from corpus_factory import REAL_CLIPS, write_frames
 
