@@ -230,8 +230,13 @@ class TrainConfig:
     """Deterministic algorithms and per-rank seeds, for exact resume comparisons."""
     log_every: int = 10
     loggers: list[str] = field(default_factory=lambda: ["jsonl", "console"])
-    """Where metrics go (fla_ds/loggers.py): jsonl (RUN/metrics.jsonl), console (a progress bar on
-    a terminal, plain lines otherwise), tensorboard, wandb (offline without network), mlflow."""
+    """Where metrics go, from rank 0 (fla_ds/loggers.py): jsonl (RUN/metrics.jsonl), console (a
+    progress bar on a terminal, plain lines otherwise), tensorboard (RUN/tensorboard), wandb
+    (offline unless WANDB_MODE is set: RUN/wandb), mlflow (MLFLOW_TRACKING_URI, else the file
+    store RUN/mlruns). The last three need `pip install 'fla-ds[tracking]'`; wandb and mlflow keep
+    one run per training run across resumes (ids in RUN/trackers.json)."""
+    project: str = "fla-ds"
+    """The wandb project and MLflow experiment of the run (a tracker run is named after train.out)."""
     save_every: int = 0
     """Checkpoint every N steps (0: at the end of every epoch)."""
     keep_last: int = 3
@@ -256,9 +261,12 @@ class Stage2Config:
     """A feature cache from `fla-ds features extract` to train from instead of video (the
     encoder is frozen, so its output can be computed once)."""
     backend: str = "decoder_only"
-    """decoder_only (LLaMA family, QLoRA) or mbart (encoder-decoder, the paper's)."""
+    """The language model's backend (registry: fla_ds/backends.py): decoder_only (LLaMA family,
+    QLoRA), mbart (encoder-decoder, the paper's) or t5 (T5/mT5 encoder-decoder, as Uni-Sign and
+    SpaMo)."""
     model: str = ""
-    """Local Hugging Face folder of the language model; empty: the embedded SmolLM2-135M."""
+    """Local Hugging Face folder of the language model (its kind must fit the backend);
+    empty: the embedded SmolLM2-135M (decoder_only)."""
     qlora: bool = True
     """decoder_only: 4-bit NF4 base (double quantisation) with LoRA adapters."""
     lora_r: int = 16
@@ -274,7 +282,7 @@ class Stage2Config:
     tgt_lang: str = ""
     """mbart: the target language code the decoder starts from (mBART-cc25: de_DE, zh_CN, en_XX)."""
     label_smoothing: float = 0.2
-    """mbart: label smoothing of the loss (the paper's 0.2)."""
+    """mbart, t5: label smoothing of the loss (the paper's 0.2)."""
     max_target_tokens: int = 64
     """Target tokens per sentence (EOS included); longer ones are cut."""
 
@@ -404,8 +412,6 @@ def load_config(config_file: Optional[str] = None, overrides: tuple[str, ...] | 
     return cfg  # a DictConfig typed by the schema; attribute access as on Config
 
 
-SCORES = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "bleu_13a")
-"""What ``eval.best_metric`` may name (fla_ds/evaluate/metrics.py: score)."""
 TOOLING_SECTIONS = ("demo", "bench", "synth")
 """Sections of the tools around training, left out of run folders and checkpoints."""
 
@@ -415,6 +421,7 @@ def registered_names() -> dict[str, tuple[str, ...]]:
     registry is the one place a new corpus, backend or logger is added)."""
     from fla_ds.backends import BACKENDS
     from fla_ds.corpus import READERS
+    from fla_ds.evaluate.metrics import SCORES
     from fla_ds.loggers import LOGGERS
 
     return {"corpus.name": tuple(READERS), "stage2.backend": tuple(BACKENDS), "train.loggers": tuple(LOGGERS),

@@ -26,6 +26,8 @@ from typing import Iterable, Sequence
 from sacrebleu.metrics import BLEU
 
 LEVELS = ("word", "char")
+SCORES = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "bleu_13a")
+"""The figures ``score`` returns (higher is better); ``eval.best_metric`` names one of them."""
 ROUGE_BETA = 1.2
 
 
