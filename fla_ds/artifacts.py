@@ -32,7 +32,6 @@ prints it and exits 2. No message suggests unsafe loading.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -45,6 +44,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 import torch
+
+from fla_ds.atomic import sha256_file
 
 MANIFEST = "COMPLETE"
 TRAINING_STATE = "engine"
@@ -145,21 +146,13 @@ def _pickle_hint(path: Path) -> str:
 # ------------------------------------------------------------------ the COMPLETE manifest
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(folder: str | os.PathLike) -> Path:
     """Write ``folder/COMPLETE``: every file under ``folder`` with its size and sha256 (the
     format of the trainer's step folders). Returns its path."""
     from fla_ds.atomic import atomic_write_json
 
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")}
     return atomic_write_json(folder / MANIFEST, {"files": files})
 
@@ -220,7 +213,7 @@ def verify_folder(folder: str | os.PathLike, hash_training_state: bool = False, 
         if size != facts["bytes"]:
             raise _error(path, f"{size} bytes, {MANIFEST} lists {facts['bytes']} (damaged or replaced)")
         hashed = hashes and (hash_training_state or PurePosixPath(name).parts[0] != TRAINING_STATE)
-        if hashed and file_sha256(path) != facts["sha256"]:
+        if hashed and sha256_file(path) != facts["sha256"]:
             raise _error(path, f"content differs from its sha256 in {MANIFEST} (damaged or replaced)")
     sealed = {PurePosixPath(n).parent.as_posix() for n in files if "/" in n}
     for sub in sorted(sealed):

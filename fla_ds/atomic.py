@@ -1,12 +1,16 @@
-"""Atomic writes: a file appears under its final name complete, or not at all.
+"""Files: written atomically, digested, locked.
 
-A kill at any moment leaves either the old file or the new one; temporary files carry the
-writer's pid and a '.tmp' suffix so that a later run can recognise and remove leftovers.
+Atomic writes: a file appears under its final name complete, or not at all. A kill at any
+moment leaves either the old file or the new one; temporary files carry the writer's pid and a
+'.tmp' suffix so that a later run can recognise and remove leftovers.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +46,24 @@ def remove_stale_tmp(folder: str | os.PathLike) -> int:
         p.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike):
+    """An exclusive lock on ``folder`` (its ``.lock`` file) for the duration: serialises index
+    updates of builds (several splits, several feature-cache runs) sharing one folder."""
+    with open(Path(folder) / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

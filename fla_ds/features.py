@@ -37,12 +37,11 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from fla_ds.atomic import atomic_write_json, tmp_name
+from fla_ds.atomic import atomic_write_json, folder_lock, sha256_file, tmp_name
 from fla_ds.augment import Augment
 from fla_ds.batch import VideoBatch, prepare_features
-from fla_ds.corpus.base import canonical_split, sha256_file
+from fla_ds.corpus.base import canonical_split
 from fla_ds.model import VisualEncoder
-from fla_ds.shards.build import folder_lock
 from fla_ds.shards.index import load_index, read_index
 from fla_ds.shards.format import FEATURE_DTYPE, ShardWriter
 from fla_ds.stream import ShardStream
@@ -64,7 +63,7 @@ def load_encoder(step_dir: Path) -> tuple[VisualEncoder, object]:
     features do not depend on its batch mates) and the checkpoint's config, in float32. The
     step folder is verified first (``fla_ds.artifacts``); raises ArtifactError naming the file."""
     from fla_ds.artifacts import verify_folder
-    from fla_ds.stage2 import load_frozen_encoder
+    from fla_ds.model import load_frozen_encoder
 
     verify_folder(step_dir)
     return load_frozen_encoder(step_dir, torch.float32)

@@ -20,6 +20,8 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+from fla_ds.loggers import check_loggers
+
 MODEL_KEYS = {
     1: ("visual.out_dim", "visual.temporal_kernel", "light_t.d_model", "light_t.heads", "light_t.encoder_layers",
         "light_t.decoder_layers", "light_t.ffn", "light_t.adapter_hidden", "light_t.max_target_tokens", "train.vocab", "train.tokenizer"),
@@ -36,7 +38,7 @@ class LaunchError(ValueError):
 def check_launch(cfg, stage: int, world: int) -> list[str]:
     """Every check of the module docstring for a launch of ``world`` ranks. Returns what was
     checked, a line each (printed by ``--check``); raises LaunchError at the first problem."""
-    facts = [check_deepspeed(cfg, world)]
+    facts = [check_loggers(cfg.train.loggers), check_deepspeed(cfg, world)]
     facts += check_shards(cfg, stage)
     facts += check_stage1_inputs(cfg) if stage == 1 else check_stage2_inputs(cfg)
     facts.append(check_run_folder(cfg, stage))
@@ -96,8 +98,9 @@ def check_stage2_inputs(cfg) -> list[str]:
     import torch
 
     from fla_ds.artifacts import ArtifactError, verify_folder
+    from fla_ds.backends import get_backend
     from fla_ds.checkpoint import resolve_step_dir
-    from fla_ds.stage2 import load_frozen_encoder
+    from fla_ds.model import load_frozen_encoder
 
     s = cfg.stage2
     if not s.encoder:
@@ -117,10 +120,27 @@ def check_stage2_inputs(cfg) -> list[str]:
         if not (model / "config.json").is_file():
             raise LaunchError(f"stage2.model: {s.model} is not a local model folder with a config.json "
                               f"(compute nodes are offline: download it once, then give its folder)")
+        check_model_type(model / "config.json", get_backend(s.backend))
         facts.append(f"language model: {s.model}")
     else:
         facts.append("language model: the embedded SmolLM2-135M-Instruct")
     return facts
+
+
+def check_model_type(config_file: Path, backend) -> None:
+    """The model's ``model_type`` is one the backend loads (``Backend.model_types``; any when
+    it names none)."""
+    import json
+
+    if not backend.model_types:
+        return
+    try:
+        model_type = json.loads(config_file.read_text("utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise LaunchError(f"stage2.model: {config_file} cannot be read as a model config ({exc})") from None
+    if model_type not in backend.model_types:
+        raise LaunchError(f"stage2.model: {config_file.parent} holds a {model_type!r} model; stage2.backend={backend.name} loads "
+                          f"{', '.join(backend.model_types)} models")
 
 
 def newest_complete(run_dir: Path) -> Optional[Path]:

@@ -3,7 +3,7 @@
 It only wires components: a ``Stage`` (what is trained and how a batch becomes a loss or a
 translation: fla_ds/stage1.py, fla_ds/stage2.py), the loader (fla_ds/stream.py), DeepSpeed,
 checkpoints (fla_ds/checkpoint.py), evaluation (fla_ds/evaluate/run.py) and the run log
-(fla_ds/runlog.py).
+(fla_ds/loggers.py).
 
 Loss normalisation: a stage returns the loss summed over its target tokens and their count.
 The loop divides by the token count of all ranks (one all_reduce), scaled by the world size
@@ -39,7 +39,7 @@ from omegaconf import OmegaConf
 from fla_ds import checkpoint
 from fla_ds.config import save_resolved
 from fla_ds.distributed import Placement, device
-from fla_ds.runlog import RunLog
+from fla_ds.loggers import RunLog
 from fla_ds.batch import Batch
 from fla_ds.engine import accumulation_steps, build_optimizer, fill_ds_config, load_ds_config, resolve_dtype, seed_everything, warmup_cosine
 from fla_ds.stream import STOP_SIGNALS, ShardStream, Source
@@ -153,7 +153,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.progress = Progress()
         self.stop = StopFlag()
-        self.log = RunLog(self.run_dir, self.rank, cfg.train.loggers, total_steps=self.total_steps)
+        self.log = RunLog(self.run_dir, self.rank, cfg.train.loggers, total_steps=self.total_steps, project=cfg.train.project)
 
     def planned_steps(self) -> int:
         per_epoch = len(self.stream) // self.gas

@@ -22,7 +22,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from fla_ds.artifacts import ArtifactError, check_safetensors, file_sha256, hf_errors, load_safetensors, load_state, verify_folder, write_manifest
+from fla_ds.atomic import sha256_file
+from fla_ds.artifacts import ArtifactError, check_safetensors, hf_errors, load_safetensors, load_state, verify_folder, write_manifest
 from fla_ds.cli import main
 from helpers import TRAIN, env, run
 from helpers import TINY_STAGE2
@@ -66,9 +67,9 @@ def other_size_files(root: Path, stage1: Path, llama: Path) -> dict[str, bytes]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fla_ds.config import load_config
-    from fla_ds.model import VisualEncoder
+    from fla_ds.model import SignTranslator, VisualEncoder
     from fla_ds.model.projector import Projector
-    from fla_ds.stage1 import build_translator, cpu_state_dict
+    from fla_ds.stage1 import cpu_state_dict
     from fla_ds.vocab import TrimmedVocab
 
     small = load_config(str(stage1 / "config.yaml"), ["visual.out_dim=16", "light_t.d_model=16", "light_t.adapter_hidden=16"])
@@ -80,7 +81,7 @@ def other_size_files(root: Path, stage1: Path, llama: Path) -> dict[str, bytes]:
     LlamaForCausalLM(config).save_pretrained(root / "llama-32")
     encoder = save(cpu_state_dict(VisualEncoder(out_dim=16)))
     return {
-        "model.safetensors": save(cpu_state_dict(build_translator(small, vocab))),
+        "model.safetensors": save(cpu_state_dict(SignTranslator.from_config(small, vocab))),
         "encoder.safetensors": encoder,
         "projector.safetensors": save(cpu_state_dict(Projector(32, 96))),
         "adapter_model.safetensors": (root / "adapter-r8" / "adapter_model.safetensors").read_bytes(),
@@ -147,7 +148,7 @@ def reseal(folder: Path, *names: str) -> None:
     for name in names:
         path = folder / name
         if path.exists():
-            manifest["files"][name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+            manifest["files"][name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
         else:
             manifest["files"].pop(name, None)
     replace(folder / "COMPLETE", json.dumps(manifest).encode())
@@ -375,7 +376,7 @@ def test_a_manifest_cannot_point_outside_its_folder(tmp_path):
     with pytest.raises(ArtifactError, match="not a plain path inside the folder"):
         verify_folder(folder)
     (folder / "link").symlink_to(tmp_path / "secret")
-    (folder / "COMPLETE").write_text(json.dumps({"files": {"link": {"bytes": 1, "sha256": file_sha256(tmp_path / "secret")}}}))
+    (folder / "COMPLETE").write_text(json.dumps({"files": {"link": {"bytes": 1, "sha256": sha256_file(tmp_path / "secret")}}}))
     with pytest.raises(ArtifactError, match="a link pointing outside the folder"):
         verify_folder(folder)
     (folder / "link").unlink()

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from fla_ds.artifacts import write_manifest
 from fla_ds.augment import to_model_input
 from fla_ds.config import load_config, save_resolved
-from fla_ds.corpus.base import sha256_file
+from fla_ds.atomic import sha256_file
 from fla_ds.features import FeatureError, extract_features, load_encoder
 from fla_ds.model import VisualEncoder
 from fla_ds.shards import ShardFormatError, iter_raw_samples, load_index

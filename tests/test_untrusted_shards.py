@@ -22,7 +22,7 @@ import pytest
 from corpus_factory import frames_corpus
 from fla_ds.cli import main
 from fla_ds.config import load_config
-from fla_ds.corpus.base import sha256_file
+from fla_ds.atomic import sha256_file
 from fla_ds.frames import FramePack, pack_frames
 from fla_ds.shards import ShardFormatError, build_shards, iter_raw_samples, load_index
 from fla_ds.shards.format import MAX_JSON_BYTES, ShardWriter

@@ -61,14 +61,6 @@ class CorpusError(ValueError):
     """The corpus root is not laid out as this reader expects; the message is one line."""
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 # Bytes that UTF-8 text shows when it was decoded once as cp1252/latin-1 ("youâ\x80\x99re").
 _MOJIBAKE_MARKERS = ("Ã", "â\x80", "Â", "â€")
 

@@ -14,22 +14,19 @@ so a killed build resumes where it stopped. The index and rejects are written at
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterator, Optional
 
-from fla_ds.atomic import atomic_write_json, atomic_write_text, tmp_name
+from fla_ds.atomic import atomic_write_json, atomic_write_text, folder_lock, sha256_file, tmp_name
 from fla_ds.config import save_resolved
-from fla_ds.corpus.base import sha256_file
 from fla_ds.frames import EncodedClip, SampleError, encode_source
 from fla_ds.shards.format import ShardWriter
 from fla_ds.shards.index import read_index
@@ -214,17 +211,6 @@ def run_jobs(out: Path, plan: Plan, todo: list[int], workers: int, progress) -> 
             pool.shutdown(wait=False, cancel_futures=True)
             raise
     return records
-
-
-@contextmanager
-def folder_lock(out: Path):
-    """Serialise index updates of builds (e.g. several splits) sharing one folder."""
-    with open(out / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def split_index(plan: Plan, records: list[dict]) -> dict:

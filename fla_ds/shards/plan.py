@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from fla_ds.corpus import open_corpus
-from fla_ds.corpus.base import CorpusSample, VideoFile, canonical_split, clean_text, safe_key, sha256_file
+from fla_ds.atomic import sha256_file
+from fla_ds.corpus.base import CorpusSample, VideoFile, canonical_split, clean_text, safe_key
 
 BUILDER_VERSION = 2
 # Settings that change the bytes of a shard; anything else (workers, paths) must not.
