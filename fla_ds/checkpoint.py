@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from fla_ds.atomic import atomic_write_json, atomic_write_text
+from fla_ds.distributed import barrier, rank
 
 log = logging.getLogger("fla_ds")
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -139,15 +140,6 @@ def step_dirs(run_dir: Path) -> list[Path]:
     """Step folders, newest first."""
     found = [(int(m.group(1)), p) for p in run_dir.glob("step-*") if p.is_dir() and (m := STEP_RE.match(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 class SaveError(RuntimeError):

@@ -34,13 +34,13 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from fla_ds.atomic import atomic_write_json, folder_lock, sha256_file, tmp_name
 from fla_ds.augment import Augment
 from fla_ds.batch import VideoBatch, prepare_features
 from fla_ds.corpus.base import canonical_split
+from fla_ds.distributed import barrier
 from fla_ds.model import VisualEncoder
 from fla_ds.shards.index import load_index, read_index
 from fla_ds.shards.format import FEATURE_DTYPE, ShardWriter
@@ -231,14 +231,11 @@ def remove_unlisted(out: Path, split: str, entry: dict) -> None:
 
 
 def placement(rank: Optional[int], world: Optional[int]) -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return (dist.get_rank() if rank is None else rank), (dist.get_world_size() if world is None else world)
-    return rank or 0, world or 1
+    """(rank, world size) given, else the process group's."""
+    from fla_ds.distributed import rank as group_rank
+    from fla_ds.distributed import world_size
 
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    return (group_rank() if rank is None else rank), (world_size() if world is None else world)
 
 
 def extract_features(step_dir, shards, out, split: str = "train", views: int = 1, rank: Optional[int] = None, world: Optional[int] = None,

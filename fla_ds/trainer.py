@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 
 from fla_ds import checkpoint
 from fla_ds.config import save_resolved
-from fla_ds.distributed import Placement, device
+from fla_ds.distributed import Placement, barrier, device
 from fla_ds.loggers import RunLog
 from fla_ds.batch import Batch
 from fla_ds.engine import accumulation_steps, build_optimizer, fill_ds_config, load_ds_config, resolve_dtype, seed_everything, warmup_cosine
@@ -198,7 +198,7 @@ class Trainer:
         self.stream.load_state_dict(state["loader"])
         self.progress = Progress(state["epoch"], state["step"], state.get("best"), bool(state.get("eval_due")))
         if self.universal is not None:
-            checkpoint.barrier()  # every rank has read the converted copy
+            barrier()  # every rank has read the converted copy
             if self.rank == 0:
                 shutil.rmtree(self.universal, ignore_errors=True)
         log.info("resumed from %s at epoch %d, step %d", self.resume_from, self.progress.epoch, self.progress.step)
