@@ -3,11 +3,17 @@
     fla-ds synth --out PATH [key=value ...]
     fla-ds shards build --corpus NAME --root PATH --split SPLIT --out DIR [--workers N] [key=value ...]
     fla-ds shards verify DIR [--decode]
-    fla-ds bench data [key=value ...]
+    fla-ds config show [--config FILE_OR_NAME] [key=value ...]
+    fla-ds train --stage 1|2 [--config ...] [--check] [key=value ...]   (fla_ds/train.py; any launcher:
+        torchrun -m fla_ds train ..., deepspeed --module fla_ds train ..., srun fla-ds train ...)
+    fla-ds features extract / evaluate / export / translate / report ...
+    fla-ds bench data|ingest|stage2 [key=value ...]
     fla-ds demo [--out DIR] [key=value ...]
+    fla-ds --version
 
-Every subcommand takes ``--config FILE_OR_NAME`` and trailing ``key=value`` overrides of the
-one schema in fla_ds/config.py. Bad input is a one-line error and exit code 2.
+Subcommands that read the config take ``--config FILE_OR_NAME`` and ``key=value`` overrides of
+the one schema in fla_ds/config.py, before, between or after the flags. Bad input is a one-line
+error and exit code 2.
 """
 from __future__ import annotations
 
@@ -185,6 +191,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(cfg)
 
 
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """The resolved config (schema defaults <- file <- overrides), as a run would save it."""
+    from fla_ds.config import to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides), tooling=True), end="")
+    return 0
+
+
+def version_text() -> str:
+    """fla-ds's version and the engines' it runs on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    from fla_ds import __version__
+
+    engines = ", ".join(f"{name} {of(name)}" for name in ("torch", "deepspeed", "transformers", "peft", "bitsandbytes", "av"))
+    return f"fla-ds {__version__} ({engines})"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a YAML file, or the name of a config shipped in fla_ds/configs")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of config keys, e.g. shards.workers=4")
@@ -192,7 +222,16 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fla-ds", description="FLa-LLM sign language translation at cluster scale")
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
+
+    # listed for --help only: main() hands "train ..." to fla_ds/train.py before parsing
+    sub.add_parser("train", add_help=False, help="train stage 1 or stage 2 (the same entry as fla_ds/train.py, under any launcher)")
+
+    config = sub.add_parser("config", help="the configuration").add_subparsers(dest="config_command", required=True)
+    p = config.add_parser("show", help="print the resolved config (defaults <- --config file <- key=value)")
+    _common(p)
+    p.set_defaults(func=cmd_config_show)
 
     p = sub.add_parser("synth", help="generate the synthetic sign-language corpus (manifest layout)")
     p.add_argument("--out")
@@ -303,6 +342,11 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # the rest is train.py's command line, its own flags and help included
+        from fla_ds.train import main as train_main
+
+        return train_main(argv[1:])
     args = parse(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

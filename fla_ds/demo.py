@@ -59,13 +59,16 @@ def untrained_scores(cfg) -> dict:
     """The same model before any training: the floor the trained scores are read against."""
     import torch
 
+    from fla_ds.distributed import device
     from fla_ds.evaluate.run import evaluate_split
-    from fla_ds.stage1 import Translator, build_translator
+    from fla_ds.model import SignTranslator
+    from fla_ds.translator import Stage1Translator
     from fla_ds.vocab import TrimmedVocab
 
     vocab = TrimmedVocab.load(Path(cfg.train.out) / "vocab" / "vocab.json")
     torch.manual_seed(cfg.train.seed)
-    translator = Translator(build_translator(cfg, vocab), vocab, cfg)
+    model = SignTranslator.from_config(cfg, vocab, pretrained=True).eval().to(device())
+    translator = Stage1Translator(model, vocab, cfg)
     return evaluate_split(translator, cfg, 0, 1, Path(cfg.train.out) / "eval" / "untrained", Source(cfg.stream.shards, translator.augment))
 
 

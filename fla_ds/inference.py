@@ -2,10 +2,13 @@
 ``fla-ds translate``.
 
 A bundle is a folder with everything needed to translate: the encoder (``encoder/``), the
-projector, the LoRA adapter plus the base model's location (or, with ``--merge``, the merged
-weights in ``model/``; for mBART the fine-tuned ``mbart/``), the tokenizer and the resolved
-config. A stage-2 step folder has the same layout, so both load the same way. A bundle has its
-own ``COMPLETE`` manifest, and both are verified before loading (``fla_ds.artifacts``).
+projector, what the stage-2 backend trained (``fla_ds.backends``: the LoRA adapter plus the
+base model's location, or with ``--merge`` the merged weights in ``model/``; the fine-tuned
+``mbart/`` or ``t5/``), the tokenizer and the resolved config. A stage-2 step folder has the
+same layout, so both load the same way (``fla_ds.translator``). A bundle has its own
+``COMPLETE`` manifest, and both are verified before loading (``fla_ds.artifacts``).
+
+This module depends on models, artifacts and translators, never on the training stages.
 
 Videos and frame folders given to ``translate`` go through the shard builder's preprocessing
 (resize to the short side, per-frame JPEG at the same quality) and the loader's evaluation
@@ -22,101 +25,25 @@ import torch
 
 from fla_ds.atomic import atomic_write_json
 from fla_ds.augment import Augment
-from fla_ds.batch import Batch, VideoBatch, collate_clips, prepare_features
+from fla_ds.batch import VideoBatch, collate_clips
 from fla_ds.config import load_config
-from fla_ds.distributed import device
-
-BUNDLE_FILE = "bundle.json"
-
-
-def inference_dtype() -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-
-
-class Stage2Translator:
-    """Translate batches (features or video) with a stage-2 step folder or bundle.
-
-    The folder is untrusted: its COMPLETE manifest is verified and every weights file checked
-    as it loads (``fla_ds.artifacts``). Raises ArtifactError (one line naming the file) or
-    ConfigError."""
-
-    def __init__(self, folder: str | Path, beam_size: int = 0):
-        from fla_ds.artifacts import verify_folder
-        from fla_ds.model.projector import Projector
-        from fla_ds.stage2 import load_frozen_encoder
-
-        self.folder = Path(folder)
-        verify_folder(self.folder)
-        self.cfg = load_config(str(self.folder / "config.yaml"))
-        self.dtype = inference_dtype()
-        self.beam = beam_size or self.cfg.eval.beam_size
-        self.encoder, self.encoder_cfg = load_frozen_encoder(self.folder / "encoder", self.dtype)
-        self.augment = Augment(self.encoder_cfg.augment)  # inputs as the encoder was trained
-        projector = Projector.load(self.folder / "projector", dtype=self.dtype)
-        self.model = self.load_backend(projector).to(device()).eval()
-
-    def load_backend(self, projector) -> torch.nn.Module:
-        from fla_ds.artifacts import hf_errors
-
-        s = self.cfg.stage2
-        if s.backend == "mbart":
-            from fla_ds.model.mbart import IdMap, VisualMBart, load_encoder_decoder
-
-            mbart, tokenizer = load_encoder_decoder(self.folder / "mbart", dtype=self.dtype, artifact=True)
-            with hf_errors(self.folder / "mbart", "the vocabulary map"):
-                vocab = IdMap.load(self.folder / "mbart")
-            return VisualMBart(mbart, projector, tokenizer, vocab=vocab, tgt_lang=s.tgt_lang or None)
-        from fla_ds.model.llm import VisualLLM, load_base, load_for_inference, load_generation_tokenizer
-
-        bundle = self.bundle_info()
-        if bundle.get("merged"):
-            llm = load_base(self.folder / "model", qlora=False, dtype=self.dtype, artifact=True).eval()
-            with hf_errors(self.folder / "model", "the tokenizer"):
-                tokenizer = load_generation_tokenizer(self.folder / "model")
-        else:
-            llm, tokenizer = load_for_inference(bundle.get("base_model") or base_model(self.cfg), self.folder / "adapter", qlora=s.qlora, dtype=self.dtype)
-        return VisualLLM(llm, tokenizer, projector, s.prompt, max_target_tokens=s.max_target_tokens)
-
-    def bundle_info(self) -> dict:
-        """``bundle.json`` of a bundle ({} for a step folder). Raises ArtifactError."""
-        from fla_ds.artifacts import ArtifactError, read_json
-
-        path = self.folder / BUNDLE_FILE
-        if not path.is_file():
-            return {}
-        info = read_json(path)
-        if not isinstance(info, dict) or not isinstance(info.get("base_model", ""), str) or not isinstance(info.get("merged", False), bool):
-            raise ArtifactError(f"{path}: not a bundle description (base_model a path, merged true or false)")
-        return info
-
-    @torch.no_grad()
-    def __call__(self, batch: Batch) -> list[str]:
-        feats, mask = prepare_features(batch, self.encoder, self.augment, self.dtype, device())
-        max_new = self.cfg.eval.max_new_tokens or self.cfg.stage2.max_target_tokens
-        return self.model.generate(feats, mask, max_new_tokens=max_new, num_beams=self.beam)
-
-
-def base_model(cfg) -> str:
-    from fla_ds.stage2 import language_model_path
-
-    return language_model_path(cfg)
+from fla_ds.translator import BUNDLE_FILE, Stage1Translator, Stage2Translator
 
 
 def load_translator(folder: str | Path, beam_size: int = 0):
-    """The right translator for a stage-1 or stage-2 step folder, or a bundle; each verifies
-    the folder before loading (raises ArtifactError)."""
+    """The translator for a stage-1 or stage-2 step folder, or a bundle (``fla_ds.translator``);
+    each verifies the folder before loading (raises ArtifactError)."""
     folder = Path(folder)
     if (folder / "projector").is_dir():
-        return Stage2Translator(folder, beam_size)
-    from fla_ds.stage1 import Translator
-
-    return Translator.from_checkpoint(folder, beam_size)
+        return Stage2Translator.load(folder, beam_size)
+    return Stage1Translator.load(folder, beam_size)
 
 
 # ------------------------------------------------------------------ export
 
-BUNDLE_PARTS = ("config.yaml", "encoder", "projector", "adapter", "mbart", "tokenizer")
-"""What a bundle takes from a stage-2 step folder (not DeepSpeed's training state)."""
+BUNDLE_PARTS = ("config.yaml", "encoder", "projector")
+"""What every bundle takes from a stage-2 step folder (not DeepSpeed's training state); the
+backend adds its own (``Backend.bundle_parts``)."""
 
 
 def export_bundle(step_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
@@ -127,30 +54,29 @@ def export_bundle(step_dir: str | Path, out: str | Path, merge: bool = False) ->
     configs, the adapter fitting the base model). Only files the manifest lists are copied, into
     a temporary folder beside ``out`` that gets its own COMPLETE manifest and then replaces
     ``out`` by a rename: the bundle appears whole or not at all, and a failure leaves nothing
-    (what a killed export left is removed by the next).
+    (what a killed export left is removed by the next). ``merge``: the backend folds what it
+    can into the weights (decoder_only: the adapter into full-precision weights).
     An existing ``out`` is replaced only if it is a bundle. Raises ArtifactError (one line
     naming the file) or ConfigError."""
     from fla_ds.artifacts import ArtifactError, verify_folder, write_manifest
+    from fla_ds.backends import get_backend
 
     step_dir, out = Path(step_dir), Path(out)
     verified = verify_folder(step_dir)
     cfg = load_config(str(step_dir / "config.yaml"))
     check_stage2_weights(step_dir, cfg)
+    backend = get_backend(cfg.stage2.backend)
     if out.exists() and not (out / BUNDLE_FILE).is_file():
         raise ArtifactError(f"{out}: exists and is not an inference bundle; not replaced (choose another --out)")
     for stale in [*out.parent.glob(f".{out.name}.*.tmp"), *out.parent.glob(f".{out.name}.*.old")]:  # a killed export's
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        for name in (n for part in BUNDLE_PARTS for n in verified.listed_under(part)):
+        for name in (n for part in (*BUNDLE_PARTS, *backend.bundle_parts) for n in verified.listed_under(part)):
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(step_dir / name, tmp / name)
         info = {"format": "fla_ds.bundle", "backend": cfg.stage2.backend, "merged": False, "source": str(step_dir.resolve())}
-        if cfg.stage2.backend == "decoder_only":
-            info["base_model"] = str(Path(base_model(cfg)).resolve())
-            if merge:
-                merge_adapter(info["base_model"], tmp / "adapter", tmp / "model")
-                info["merged"] = True
+        info.update(backend.export(tmp, cfg, merge))
         atomic_write_json(tmp / BUNDLE_FILE, info)
         write_manifest(tmp)
         replace_folder(tmp, out)
@@ -162,21 +88,19 @@ def export_bundle(step_dir: str | Path, out: str | Path, merge: bool = False) ->
 
 def check_stage2_weights(step_dir: Path, cfg) -> None:
     """The weights a bundle takes from a stage-2 step folder, checked without the language
-    model: the encoder and projector load into the models their configs build, the adapter's
-    tensors fit the base model (built on the meta device), mBART's files are intact
-    safetensors. Raises ArtifactError."""
-    from fla_ds.artifacts import ArtifactError, check_adapter, check_hf_folder
+    model: the encoder and projector load into the models their configs build, and the backend
+    checks its own (the adapter's tensors against the base model built on the meta device;
+    mBART's or T5's files intact safetensors). Raises ArtifactError."""
+    from fla_ds.artifacts import ArtifactError
+    from fla_ds.backends import get_backend
+    from fla_ds.model import load_frozen_encoder
     from fla_ds.model.projector import Projector
-    from fla_ds.stage2 import load_frozen_encoder
 
     if not (step_dir / "projector").is_dir():
         raise ArtifactError(f"{step_dir}: not a stage-2 checkpoint (no projector/): only stage-2 checkpoints are exported")
     load_frozen_encoder(step_dir / "encoder", torch.float32)
     Projector.load(step_dir / "projector")
-    if cfg.stage2.backend == "decoder_only":
-        check_adapter(step_dir / "adapter", base_model(cfg))
-    else:
-        check_hf_folder(step_dir / "mbart", "config.json", "model")
+    get_backend(cfg.stage2.backend).check(step_dir, cfg)
 
 
 def replace_folder(new: Path, out: Path) -> None:
@@ -187,17 +111,6 @@ def replace_folder(new: Path, out: Path) -> None:
         os.rename(out, old)
     os.rename(new, out)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def merge_adapter(base_path: str, adapter: Path, out: Path) -> None:
-    """Base weights in full precision with the LoRA update folded in: no bitsandbytes and no
-    peft needed to run the bundle. The adapter is checked first (raises ArtifactError)."""
-    from fla_ds.artifacts import load_adapter
-    from fla_ds.model.llm import load_base, load_generation_tokenizer
-
-    merged = load_adapter(base_path, adapter, lambda: load_base(base_path, qlora=False, dtype=torch.float32)).merge_and_unload()
-    merged.save_pretrained(str(out), safe_serialization=True)
-    load_generation_tokenizer(base_path).save_pretrained(str(out))
 
 
 # ------------------------------------------------------------------ translate
@@ -230,6 +143,7 @@ def clip_batch(paths: list[str], cfg) -> VideoBatch:
 
 
 def translate_paths(model_dir: str | Path, paths: list[str], beam_size: int = 0) -> list[str]:
+    """``fla-ds translate``: video files or frame folders -> one text each, with a step folder
+    or bundle of either stage, read as its encoder's training data was."""
     translator = load_translator(model_dir, beam_size)
-    encoder_cfg = getattr(translator, "encoder_cfg", None) or translator.cfg
-    return translator(clip_batch(paths, encoder_cfg))
+    return translator(clip_batch(paths, translator.encoder_cfg))

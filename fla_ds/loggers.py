@@ -116,30 +116,81 @@ class JsonlSink(Sink):
 
 
 class ConsoleSink(Sink):
-    """A progress bar when stderr is a terminal, plain lines otherwise; events always as lines."""
+    """What a person watching sees: a progress bar when stderr is a terminal, plain lines
+    otherwise (under Slurm: ``step 30/540 epoch=0 loss=... samples_per_s=... eta=4m12s``);
+    events always on their own lines (through the bar's ``write`` when there is one); an
+    evaluation's example translations beside their references; the closing summary."""
 
     def __init__(self, run: Run):
         super().__init__(run)
         self.bar = None
+        self.started: tuple[float, int] | None = None  # (time, step) of the first step of this launch
         if sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=run.total_steps, unit="step", dynamic_ncols=True)
 
+    def eta(self, step: int) -> str:
+        """Time left at this launch's pace (steps since its first logged step)."""
+        now = time.monotonic()
+        if self.started is None:
+            self.started = (now, step)
+            return "?"
+        t0, s0 = self.started
+        if step <= s0:
+            return "?"
+        return duration((now - t0) / (step - s0) * max(0, self.run.total_steps - step))
+
     def step(self, step: int, values: dict) -> None:
+        eta = self.eta(step)
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix(loss=f"{values.get('loss', 0):.3f}", lr=f"{values.get('lr', 0):.2e}", sps=f"{values.get('samples_per_s', 0):.1f}")
         else:
-            print(f"step {step} {format_values(values)}", flush=True)
+            print(f"step {step}/{self.run.total_steps} {format_values(values)} eta={eta}", flush=True)
+
+    def say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)  # above the bar, never into it
+        else:
+            print(line, flush=True)
 
     def event(self, kind: str, values: dict) -> None:
-        shown = {k: v for k, v in values.items() if not isinstance(v, str) or len(v) < 80}
-        print(f"{kind}: " + format_values(shown), flush=True)
+        if kind == "examples":
+            for example in values.get("examples", []):
+                self.say(f"  {example['id']}\n    reference:  {example['reference']}\n    hypothesis: {example['hypothesis']}")
+            return
+        if kind == "summary":
+            self.say(summary_text(values))
+            return
+        shown = {k: v for k, v in values.items() if not isinstance(v, (str, list, dict)) or (isinstance(v, str) and len(v) < 80)}
+        self.say(f"{kind}: " + format_values(shown))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def duration(seconds: float) -> str:
+    """'4m12s', '1h03m', '37s'."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def summary_text(values: dict) -> str:
+    """The closing lines of a run (the trainer's ``summary`` event)."""
+    best = values.get("best") or {}
+    scores = ", ".join(f"{k} {v:.2f}" for k, v in (best.get("scores") or {}).items())
+    lines = [f"summary: {values.get('outcome', 'done')} at step {values.get('step')} of {values.get('total_steps')} "
+             f"(epoch {values.get('epoch')}) in {duration(values.get('seconds', 0))}, {values.get('samples_per_s', 0):.1f} samples/s"]
+    if best:
+        lines.append(f"  best: {best.get('step')} by {best.get('metric')} {best.get('value', float('nan')):.2f}" + (f" ({scores})" if scores else ""))
+    lines.append(f"  checkpoints: {values.get('run_dir')} (latest {values.get('latest')})")
+    return "\n".join(lines)
 
 
 class TensorBoardSink(Sink):

@@ -18,10 +18,11 @@ from safetensors.torch import save_file
 
 from fla_ds.augment import Augment
 from fla_ds.batch import VideoBatch
-from fla_ds.config import load_config, save_resolved
+from fla_ds.config import save_resolved
 from fla_ds.distributed import device, gathered
-from fla_ds.model import LightT, SignTranslator, VisualEncoder
+from fla_ds.model import SignTranslator
 from fla_ds.stream import Source
+from fla_ds.translator import Stage1Translator
 from fla_ds.vocab import TrimmedVocab, build_vocab_files
 
 log = logging.getLogger("fla_ds")
@@ -49,21 +50,6 @@ def prepare_vocab(cfg, rank: int) -> Path:
     return out / "vocab.json"
 
 
-def build_translator(cfg, vocab: TrimmedVocab, pretrained: bool = True) -> SignTranslator:
-    """The stage-1 model the config describes; ``pretrained``: the CNN starts from the ImageNet
-    checkpoint ``visual.pretrained`` names (training). A checkpoint being loaded passes False:
-    its own weights replace these, and the file its config names need not exist (nor be read)
-    where it is loaded."""
-    v, t = cfg.visual, cfg.light_t
-    encoder = VisualEncoder(out_dim=v.out_dim, kernel_size=v.temporal_kernel, pretrained=(v.pretrained or None) if pretrained else None)
-    light_t = LightT(
-        in_dim=v.out_dim, vocab_size=vocab.size, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
-        d_model=t.d_model, heads=t.heads, encoder_layers=t.encoder_layers, decoder_layers=t.decoder_layers,
-        ffn=t.ffn, dropout=t.dropout, adapter_hidden=t.adapter_hidden, max_len=t.max_target_tokens, label_smoothing=t.label_smoothing,
-    )
-    return SignTranslator(encoder, light_t)
-
-
 def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Own copies (tied weights would share storage, which safetensors refuses)."""
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()}
@@ -83,9 +69,9 @@ class Stage1:
         self.rank = rank
         self.augment = Augment(cfg.augment)
         self.hidden_size = cfg.light_t.d_model
-        self.max_decode = cfg.eval.max_new_tokens or cfg.light_t.max_target_tokens
         self.vocab_path: Optional[Path] = None
         self.vocab: Optional[TrimmedVocab] = None
+        self._translator: Stage1Translator | None = None
 
     def prepare(self) -> None:
         """The vocabulary: the configured one, or built by rank 0 from the training shards."""
@@ -97,7 +83,7 @@ class Stage1:
         return Source(self.cfg.stream.shards, self.augment)
 
     def build(self, ds_config: dict, dtype: torch.dtype) -> torch.nn.Module:
-        model = build_translator(self.cfg, self.vocab)
+        model = SignTranslator.from_config(self.cfg, self.vocab, pretrained=True)
         model.encoder.gradient_checkpointing = self.cfg.train.gradient_checkpointing
         return model.to(dtype)  # ZeRO-3 + bf16 wants every parameter bf16 up front
 
@@ -114,11 +100,15 @@ class Stage1:
         targets = self.vocab.encode_batch(batch.text, self.cfg.light_t.max_target_tokens).to(device())
         return engine(video, mask, targets)
 
+    def translator(self, engine) -> Stage1Translator:
+        """The translator inference uses, around the live model (made once)."""
+        if self._translator is None:
+            self._translator = Stage1Translator(engine.module, self.vocab, self.cfg)
+        return self._translator
+
     def translate(self, engine, batch: VideoBatch) -> list[str]:
-        video, mask = self.model_input(engine, batch)
-        with torch.no_grad(), gathered(engine.module.parameters()):
-            ids = engine.module.generate(video, mask, beam_size=self.cfg.eval.beam_size, max_len=self.max_decode)
-        return [self.vocab.decode(row) for row in ids]
+        with gathered(engine.module.parameters()):  # beam search reads whole weights
+            return self.translator(engine)(batch)
 
     def export(self, engine, step_dir: Path) -> None:
         with gathered(engine.module.parameters()):
@@ -137,37 +127,3 @@ def copy_vocab(vocab_path: Path, vocab: TrimmedVocab, step_dir: Path) -> None:
     tokenizer_dir = step_dir / "tokenizer"
     tokenizer_dir.mkdir(exist_ok=True)
     vocab.tokenizer.save_pretrained(str(tokenizer_dir))
-
-
-class Translator:
-    """A stage-1 checkpoint for inference, without DeepSpeed: ``fla-ds evaluate``."""
-
-    def __init__(self, model: SignTranslator, vocab: TrimmedVocab, cfg, beam_size: int = 0):
-        self.cfg, self.vocab = cfg, vocab
-        self.model = model.eval().to(device())
-        self.beam = beam_size or self.cfg.eval.beam_size
-        self.max_decode = self.cfg.eval.max_new_tokens or self.cfg.light_t.max_target_tokens
-        self.augment = Augment(cfg.augment)
-
-    @classmethod
-    def from_checkpoint(cls, step_dir: Path, beam_size: int = 0) -> "Translator":
-        """A stage-1 step folder, verified first (``fla_ds.artifacts``: its COMPLETE manifest,
-        ``model.safetensors`` intact and fitting the model its config builds). Raises
-        ArtifactError (one line naming the file) or ConfigError."""
-        from fla_ds.artifacts import hf_errors, load_safetensors, load_state, verify_folder
-
-        step_dir = Path(step_dir)
-        verify_folder(step_dir)
-        cfg = load_config(str(step_dir / "config.yaml"))
-        with hf_errors(step_dir, "the vocabulary (vocab.json, tokenizer/)"):
-            vocab = TrimmedVocab.load(step_dir / "vocab.json", tokenizer_path=step_dir / "tokenizer")
-        model = build_translator(cfg, vocab, pretrained=False)
-        weights = step_dir / "model.safetensors"
-        load_state(model, load_safetensors(weights), weights)
-        return cls(model, vocab, cfg, beam_size)
-
-    @torch.no_grad()
-    def __call__(self, batch: VideoBatch) -> list[str]:
-        video = self.augment.model_input(batch.video.to(device()), batch.affine)
-        ids = self.model.generate(video, batch.video_mask.to(device()), beam_size=self.beam, max_len=self.max_decode)
-        return [self.vocab.decode(row) for row in ids]

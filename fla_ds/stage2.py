@@ -2,14 +2,15 @@
 
 What DeepSpeed wraps (and ZeRO partitions and optimises) is the projector plus the language
 model; the frozen encoder stays outside it, in eval mode without gradients, on every rank,
-or is skipped entirely when training reads a feature cache (``stage2.features``). Two
-backends behind one config: ``decoder_only`` (a LLaMA-family model in 4-bit NF4 with LoRA,
-QLoRA; the visual tokens go in front of a text prompt as ``inputs_embeds``) and ``mbart``
-(the paper's: the projector output replaces mBART's encoder word embeddings; full fine-tuning).
+or is skipped entirely when training reads a feature cache (``stage2.features``). The
+language model is the backend ``stage2.backend`` names (a registry: fla_ds/backends.py;
+``decoder_only`` QLoRA LLaMA, ``mbart``, ``t5``): it builds the model, says what of it is
+trained, saves that and loads it back; this module never names one.
 
-Every checkpoint folder additionally holds ``projector/``, the LoRA ``adapter/`` in Hugging
-Face format (``PeftModel.from_pretrained`` loads it without DeepSpeed) or the fine-tuned
-``mbart/``, and the encoder it was trained on, so any step folder can be exported or resumed.
+Every checkpoint folder additionally holds ``projector/``, what the backend trained (the LoRA
+``adapter/`` in Hugging Face format, which ``PeftModel.from_pretrained`` loads without
+DeepSpeed, or the fine-tuned ``mbart/`` or ``t5/``), and the encoder it was trained on, so any
+step folder can be exported or resumed.
 """
 from __future__ import annotations
 
@@ -22,67 +23,16 @@ import torch
 import torch.distributed as dist
 
 from fla_ds.augment import Augment
+from fla_ds.backends import get_backend, language_model_path, lm_hidden_size
 from fla_ds.batch import Batch, prepare_features
 from fla_ds.checkpoint import resolve_step_dir
 from fla_ds.config import load_config, save_resolved
 from fla_ds.distributed import device, gathered
-from fla_ds.model import VisualEncoder
-from fla_ds.model.projector import Projector
+from fla_ds.model import VisualEncoder, load_frozen_encoder
 from fla_ds.stream import Source
+from fla_ds.translator import Stage2Translator
 
 log = logging.getLogger("fla_ds")
-
-
-def language_model_path(cfg) -> str:
-    if cfg.stage2.model:
-        return cfg.stage2.model
-    from fla_ds.llm_assets import smollm2_path
-
-    return str(smollm2_path())
-
-
-def load_frozen_encoder(step_dir: Path, dtype: torch.dtype) -> tuple[VisualEncoder, object]:
-    """The stage-1 encoder in eval mode (BatchNorm running statistics), without gradients, and
-    the stage-1 config, from ``step_dir`` (a stage-1 step folder, or the ``encoder/`` of a
-    stage-2 step folder or bundle); the caller verifies the folder's manifest
-    (``fla_ds.artifacts.verify_folder``). Raises ArtifactError naming ``encoder.safetensors``
-    when it is not intact safetensors or does not fit the encoder the config builds."""
-    from fla_ds.artifacts import load_safetensors, load_state
-
-    step_dir = Path(step_dir)
-    enc_cfg = load_config(str(step_dir / "config.yaml"))
-    encoder = VisualEncoder(out_dim=enc_cfg.visual.out_dim, kernel_size=enc_cfg.visual.temporal_kernel)
-    weights = step_dir / "encoder.safetensors"
-    load_state(encoder, load_safetensors(weights), weights)
-    encoder.requires_grad_(False)
-    return encoder.eval().to(device=device(), dtype=dtype), enc_cfg
-
-
-def lm_hidden_size(path: str) -> int:
-    """From the model's config alone (a local folder or a hub id), before any weight loads."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
-    return int(getattr(config, "hidden_size", None) or config.d_model)
-
-
-def build_backend(cfg, lm_path: str, feature_dim: int, dtype: torch.dtype) -> torch.nn.Module:
-    s = cfg.stage2
-    hidden = lm_hidden_size(lm_path)
-    projector = Projector(feature_dim, hidden, s.projector_hidden or None).to(dtype)
-    if s.backend == "decoder_only":
-        from fla_ds.model.llm import VisualLLM, load_decoder_only
-
-        llm, tokenizer = load_decoder_only(lm_path, qlora=s.qlora, lora_r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
-                                           target_modules=s.lora_targets, dtype=dtype, gradient_checkpointing=cfg.train.gradient_checkpointing)
-        return VisualLLM(llm, tokenizer, projector, s.prompt, max_target_tokens=s.max_target_tokens)
-    if s.backend == "mbart":
-        from fla_ds.model.mbart import IdMap, VisualMBart, load_encoder_decoder
-
-        mbart, tokenizer = load_encoder_decoder(lm_path, dtype=dtype)
-        return VisualMBart(mbart, projector, tokenizer, vocab=IdMap.load(lm_path), tgt_lang=s.tgt_lang or None,
-                           label_smoothing=s.label_smoothing, max_target_tokens=s.max_target_tokens)
-    raise ValueError(f"stage2.backend must be decoder_only or mbart, got '{s.backend}'")
 
 
 class Stage2:
@@ -92,9 +42,11 @@ class Stage2:
 
     def __init__(self, cfg, rank: int):
         self.cfg, self.rank = cfg, rank
+        self.backend = get_backend(cfg.stage2.backend)
         self.encoder: Optional[VisualEncoder] = None
         self.zero3 = False
         self.dtype = torch.float32
+        self._translator: Stage2Translator | None = None
 
     def prepare(self) -> None:
         """The stage-1 checkpoint (verified: untrusted input, fla_ds.artifacts) and the language
@@ -120,15 +72,13 @@ class Stage2:
         return Source(self.cfg.stream.shards, self.augment)
 
     def build(self, ds_config: dict, dtype: torch.dtype) -> torch.nn.Module:
+        """The backend's model (under ZeRO-3 it loads partitioned: ``ds_config``), and the frozen
+        encoder unless training reads a feature cache."""
         self.zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
         self.dtype = dtype
-        if self.zero3:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self._hf_ds_config = HfDeepSpeedConfig(ds_config)  # must live while from_pretrained runs
         if not self.cfg.stage2.features:
             self.encoder, _ = load_frozen_encoder(self.encoder_dir, self.dtype)
-        return build_backend(self.cfg, self.lm_path, self.feature_dim, self.dtype)
+        return self.backend.build(self.cfg, self.lm_path, self.feature_dim, self.dtype, ds_config)
 
     def param_groups(self, model: torch.nn.Module) -> list[dict]:
         projector = [p for p in model.projector.parameters() if p.requires_grad]
@@ -136,45 +86,36 @@ class Stage2:
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         return [{"params": projector, "lr": self.cfg.stage2.projector_lr}, {"params": rest, "lr": self.cfg.train.lr}]
 
-    def features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return prepare_features(batch, self.encoder, self.augment, self.dtype, device())
-
     def loss(self, engine, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, mask = self.features(batch)
+        feats, mask = prepare_features(batch, self.encoder, self.augment, self.dtype, device())
         return engine(feats, mask, batch.text)
 
+    def translator(self, engine) -> Stage2Translator:
+        """The translator inference uses, around the live model (made once); under ZeRO-3 with
+        several ranks, generation is synchronised across them."""
+        if self._translator is None:
+            synced = self.zero3 and dist.is_initialized() and dist.get_world_size() > 1
+            self._translator = Stage2Translator(engine.module, self.encoder, self.augment, self.cfg, self.dtype, synced_gpus=synced,
+                                                encoder_cfg=self.encoder_cfg)
+        return self._translator
+
     def translate(self, engine, batch: Batch) -> list[str]:
-        feats, mask = self.features(batch)
-        synced = self.zero3 and dist.is_initialized() and dist.get_world_size() > 1
-        with torch.no_grad():
-            max_new = self.cfg.eval.max_new_tokens or self.cfg.stage2.max_target_tokens
-            return engine.module.generate(feats, mask, max_new_tokens=max_new, num_beams=self.cfg.eval.beam_size, synced_gpus=synced)
+        return self.translator(engine)(batch)
 
     def export(self, engine, step_dir: Path) -> None:
-        """projector/, adapter/ (or mbart/), the encoder and configs: a folder that
-        ``fla-ds export`` turns into an inference bundle without DeepSpeed."""
+        """projector/, the backend's folder (adapter/, mbart/, t5/), the encoder and configs: a
+        folder that ``fla-ds export`` turns into an inference bundle without DeepSpeed."""
         module = engine.module
         trainable = [p for p in module.parameters() if p.requires_grad]
         with gathered(trainable):
             if self.rank == 0:
-                state = {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items() if "projector." in k or self.cfg.stage2.backend == "mbart" or "lora_" in k}
+                state = self.backend.trainable_state(module)
                 projector = {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}
                 module.projector.save(step_dir / "projector", state_dict=projector)
-                if self.cfg.stage2.backend == "decoder_only":
-                    from fla_ds.model.llm import save_adapter
-
-                    save_adapter(module, step_dir / "adapter", state_dict=state)
-                else:
-                    mbart = {k[len("mbart."):]: v for k, v in state.items() if k.startswith("mbart.")}
-                    module.mbart.save_pretrained(str(step_dir / "mbart"), state_dict=mbart, safe_serialization=True)
-                    module.tokenizer.save_pretrained(str(step_dir / "mbart"))
-                    if module.vocab is not None:
-                        module.vocab.save(step_dir / "mbart")
+                self.backend.save(module, state, step_dir)
         if self.rank == 0:
             save_resolved(self.cfg, step_dir)
             copy_encoder(self.encoder_dir, step_dir / "encoder")
-            if self.cfg.stage2.backend == "decoder_only":
-                module.tokenizer.save_pretrained(str(step_dir / "tokenizer"))
 
 
 def copy_encoder(stage1_step: Path, out: Path) -> None:

@@ -11,6 +11,13 @@ The texts come from the shards' ``.json`` members only; frame packs are skipped 
 nothing is ever unpickled. The file is deterministic: the same tokenizer, shards and paths
 give byte-identical bytes (ids ascending, no timestamps, sorted keys).
 
+Two trimmed vocabularies share one core, ``IdMap`` (new id <-> the tokenizer's original id):
+``TrimmedVocab`` is stage 1's, a vocabulary of its own for a model trained from scratch
+(specials laid out as new ids 0..3, the tokenizer inside, text in and out, ``vocab.json``);
+a bare ``IdMap`` (``id_map.json``) is what a pretrained model whose embedding table was cut
+to the corpus needs (``fla_ds.model.mbart.trim_mbart_vocab``): the kept rows stay in the
+tokenizer's order, so the model's own special ids keep their meaning once remapped.
+
 A byte-level BPE tokenizer (GPT-2 style, as SmolLM2's) splits an umlaut into byte tokens;
 a text decodes back only if every token it uses is kept. Since the vocabulary is made of
 exactly the tokens the training texts use, every training text must round-trip, and the
@@ -41,6 +48,7 @@ TOKENIZER_FILES = (
 )
 """Files that define a tokenizer (model weights are left out of its hash)."""
 MAX_FAILURES_KEPT = 5
+ID_MAP_NAME = "id_map.json"
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +98,77 @@ def special_original_ids(tokenizer) -> list[int]:
 # ------------------------------------------------------------------------------ the vocabulary
 
 
-class TrimmedVocab:
-    """Encodes text into trimmed ids and decodes them back through the full tokenizer."""
+class IdMap:
+    """New ids <-> original (tokenizer) ids of a vocabulary cut down to a corpus:
+    ``kept[new] = original``.
 
-    def __init__(self, data: dict, tokenizer):
-        self.data = data
-        self.tokenizer = tokenizer
-        self.original_ids: list[int] = list(data["original_ids"])
-        # Specials are not looked up by original id: texts are tokenized without them, and
-        # SmolLM2 gives pad and eos the same id.
-        self._new_id = {orig: new for new, orig in enumerate(self.original_ids) if new >= len(SPECIALS)}
+    ``unk_id``: the new id an original id outside the kept ones becomes (None: such an id is
+    an error). ``looked_up_from``: only new ids from this one on are found by original id
+    (``TrimmedVocab`` keeps its specials out of the lookup: texts are tokenized without them,
+    and a tokenizer may give two specials one id)."""
+
+    def __init__(self, kept: Sequence[int], unk_id: int | None = None, looked_up_from: int = 0):
+        self.kept: list[int] = [int(i) for i in kept]
+        self.unk_id = unk_id
+        self._new_id = {orig: new for new, orig in enumerate(self.kept) if new >= looked_up_from}
 
     @classmethod
-    def load(cls, path: str | os.PathLike, tokenizer_path: Optional[str | os.PathLike] = None) -> "TrimmedVocab":
+    def of_kept(cls, kept: Sequence[int], unk_original: int | None = None) -> IdMap:
+        """The map of ascending original ids ``kept`` (a cut embedding table), whose UNK is the
+        tokenizer's own (``unk_original``), if kept."""
+        kept = [int(i) for i in kept]
+        return cls(kept, kept.index(unk_original) if unk_original in kept else None)
+
+    @property
+    def size(self) -> int:
+        return len(self.kept)
+
+    def from_original(self, ids: Iterable[int]) -> list[int]:
+        """New ids; an id outside the kept ones becomes UNK (a KeyError without one)."""
+        out = []
+        for i in ids:
+            new = self._new_id.get(int(i), self.unk_id)
+            if new is None:
+                raise KeyError(f"token id {int(i)} is not in the trimmed vocabulary, which has no UNK")
+            out.append(new)
+        return out
+
+    def to_original(self, ids: Iterable[int] | torch.Tensor) -> list[int]:
+        """The tokenizer's ids of new ids."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return [self.kept[int(i)] for i in ids]
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """``folder/id_map.json``: the kept original ids and the original id of UNK."""
+        path = Path(folder) / ID_MAP_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        unk = self.kept[self.unk_id] if self.unk_id is not None else None
+        path.write_text(json.dumps({"kept": self.kept, "unk_original": unk}) + "\n", "utf-8")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> IdMap | None:
+        """The map saved in ``folder``, or None where there is none (an untrimmed model)."""
+        path = Path(folder) / ID_MAP_NAME
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text("utf-8"))
+        return cls.of_kept(data["kept"], data.get("unk_original"))
+
+
+class TrimmedVocab(IdMap):
+    """Stage 1's vocabulary: an ``IdMap`` whose new ids 0..3 are PAD, BOS, EOS, UNK (original
+    -1 where the tokenizer has none), with the tokenizer: encodes text into new ids and
+    decodes them back through the full tokenizer."""
+
+    def __init__(self, data: dict, tokenizer):
+        super().__init__(data["original_ids"], unk_id=SPECIALS.index("unk"), looked_up_from=len(SPECIALS))
+        self.data = data
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> TrimmedVocab:
         """``path``: vocab.json or its folder. ``tokenizer_path`` overrides the one recorded
         (the vocab moved to another machine); the tokens must still match."""
         path = Path(path)
@@ -116,8 +182,8 @@ class TrimmedVocab:
         return cls(data, tokenizer)
 
     @property
-    def size(self) -> int:
-        return len(self.original_ids)
+    def original_ids(self) -> list[int]:
+        return self.kept
 
     @property
     def pad_id(self) -> int:
@@ -130,13 +196,6 @@ class TrimmedVocab:
     @property
     def eos_id(self) -> int:
         return SPECIALS.index("eos")
-
-    @property
-    def unk_id(self) -> int:
-        return SPECIALS.index("unk")
-
-    def from_original(self, original: Iterable[int]) -> list[int]:
-        return [self._new_id.get(int(i), self.unk_id) for i in original]
 
     def encode(self, text: str) -> list[int]:
         """New ids of ``text``, without BOS/EOS; tokens outside the trimmed vocab become UNK."""
@@ -165,7 +224,7 @@ class TrimmedVocab:
             if i == self.eos_id:
                 break
             if i >= len(SPECIALS):
-                original.append(self.original_ids[i])
+                original.append(self.kept[i])
         # No clean-up: it would glue " ." and " ," onto words and break the round trip.
         return self.tokenizer.decode(original, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
@@ -176,9 +235,9 @@ class TrimmedVocab:
         """The tokenizer's ids for new ids (stage 2 speaks the full vocabulary)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        out = [self.original_ids[int(i)] for i in ids]
+        out = super().to_original(ids)
         if -1 in out:
-            missing = sorted({SPECIALS[int(i)] for i in ids if self.original_ids[int(i)] == -1})
+            missing = sorted({SPECIALS[int(i)] for i in ids if self.kept[int(i)] == -1})
             raise VocabError(f"the tokenizer has no {', '.join(missing)} token to map to")
         return out
 

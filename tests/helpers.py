@@ -1,5 +1,5 @@
 """What tests share (test modules never import one another): tiny real assets (a byte-level
-BPE tokenizer trained offline, GPT-2 style as SmolLM2's; tiny random LLaMA, mBART; small
+BPE tokenizer trained offline, GPT-2 style as SmolLM2's; tiny random LLaMA, mBART, T5; small
 synthetic corpora built into shards with the real builder), the tiny stage-1/stage-2
 settings, and running fla_ds/train.py as a user would (under torchrun for several ranks)."""
 from __future__ import annotations
@@ -115,6 +115,32 @@ def save_tiny_mbart(folder: Path, texts: Iterable[str] = TOKENIZER_TEXTS, vocab_
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         MBartForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_t5(folder: Path, texts: Iterable[str] = TOKENIZER_TEXTS, vocab_size: int = 600, seed: int = 0) -> Path:
+    """A random T5 (d_model 32, 1 encoder + 1 decoder layer, gated GELU as in mT5 and T5 v1.1)
+    with a byte-level BPE laid out like T5's (<pad>=0, </s>=1, <unk>=2; no BOS), saved as a
+    folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts) * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2,
+        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        T5ForConditionalGeneration(config).save_pretrained(folder)
     return folder
 
 

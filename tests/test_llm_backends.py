@@ -1,7 +1,8 @@
 """Stage-2 backends on CPU with the real libraries: a tiny random LLaMA loaded in 4-bit NF4 by
 bitsandbytes with peft LoRA (QLoRA), and a tiny random mBART, both saved to folders and
-loaded back through the code under test. Includes the regression test for bitsandbytes'
-in-place CPU repacking (see ``keep_4bit_weights_unpacked``)."""
+loaded back through the code under test (T5: tests/test_t5_backend.py); the registry.
+Includes the regression test for bitsandbytes' in-place CPU repacking (see
+``keep_4bit_weights_unpacked``)."""
 from __future__ import annotations
 
 import json
@@ -17,9 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import MBartForConditionalGeneration
 
-from fla_ds.model.llm import IGNORE_INDEX, VisualLLM, load_decoder_only, save_adapter
-from fla_ds.model.mbart import IdMap, VisualMBart, load_encoder_decoder, trim_mbart_vocab
+from fla_ds.model.llm import VisualLLM, load_decoder_only, save_adapter
+from fla_ds.model.loss import IGNORE_INDEX
+from fla_ds.model.mbart import VisualMBart, load_encoder_decoder, trim_mbart_vocab
 from fla_ds.model.projector import Projector
+from fla_ds.vocab import IdMap
 from helpers import TINY_MBART_LANG, save_tiny_llama, save_tiny_mbart
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -346,3 +349,31 @@ def test_projector_casts_features_and_round_trips(tmp_path):
     again = Projector.load(tmp_path, dtype=torch.bfloat16)
     assert again.config() == {"in_dim": FEATURE_DIM, "out_dim": 24, "hidden": 40}
     assert torch.equal(again(features), out)
+
+
+# ------------------------------------------------------------------------------ the registry
+
+
+def test_every_registered_backend_is_one_module_satisfying_the_protocol():
+    from fla_ds.backends import BACKENDS, Backend, get_backend
+    from fla_ds.config import load_config
+
+    assert set(BACKENDS) == {"decoder_only", "mbart", "t5"}
+    folders = set()
+    for name, module in BACKENDS.items():
+        backend = get_backend(name)
+        assert isinstance(backend, Backend) and backend.name == name and backend.__module__ == module
+        assert backend.folder in backend.bundle_parts
+        folders.add(backend.folder)
+        assert load_config(None, [f"stage2.backend={name}"]).stage2.backend == name
+    assert len(folders) == len(BACKENDS)  # each saves into its own folder
+    with pytest.raises(ValueError, match="one of decoder_only, mbart, t5"):
+        get_backend("gpt")
+
+
+def test_no_module_outside_the_registry_names_a_backend():
+    """Adding a backend is one module and one registry line: nothing else branches on names."""
+    offenders = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "fla_ds").rglob("*.py"))
+                 for n, line in enumerate(path.read_text("utf-8").splitlines(), 1)
+                 if "stage2.backend ==" in line or "s.backend ==" in line or ".backend == \"" in line]
+    assert offenders == []

@@ -1,6 +1,7 @@
 """Stage 2 for real: a tiny random LLaMA in 4-bit QLoRA under DeepSpeed ZeRO-3 on 2 ranks
 (gloo), from a feature cache; generation, the adapter reloaded in a fresh process, resume,
-export and translate; the mBART backend; training straight from video."""
+export and translate; the mBART backend; the T5 backend under ZeRO-2, exported and translating;
+training straight from video. Inference never imports the training stages."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 from fla_ds.checkpoint import check_complete
-from helpers import TINY_STAGE1, TRAIN, env, losses, run, save_tiny_llama, save_tiny_mbart, stage2_cmd, synthetic_shards, train_tiny_tokenizer
+from helpers import TINY_STAGE1, TRAIN, env, losses, run, save_tiny_llama, save_tiny_mbart, save_tiny_t5, stage2_cmd, synthetic_shards, train_tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
@@ -22,7 +23,8 @@ def assets(tmp_path_factory) -> dict:
          *TINY_STAGE1, "train.epochs=1", "train.max_steps=2", "eval.limit=2"])
     features = root / "features"
     run([sys.executable, "-m", "fla_ds", "features", "extract", "--checkpoint", str(stage1), "--shards", str(shards), "--out", str(features), "--workers", "1"])
-    return {"shards": shards, "stage1": stage1, "features": features, "llama": save_tiny_llama(root / "llama"), "mbart": save_tiny_mbart(root / "mbart")}
+    return {"shards": shards, "stage1": stage1, "features": features, "llama": save_tiny_llama(root / "llama"), "mbart": save_tiny_mbart(root / "mbart"),
+            "t5": save_tiny_t5(root / "t5")}
 
 
 def falls(curve: dict[int, float]) -> bool:
@@ -44,8 +46,23 @@ for batch in ShardStream(stream_cfg, 0, 1, 2, t.augment, limit=4):
     for i, text, ok in zip(batch.id, t(batch), batch.valid.tolist()):
         if ok:
             out[i] = text
-print(json.dumps(out))
+training = sorted(m for m in sys.modules if m in ("fla_ds.stage1", "fla_ds.stage2", "fla_ds.trainer"))
+print(json.dumps({"hypotheses": out, "training_modules": training}))
 """
+
+
+def reload_hypotheses(folder, features) -> dict:
+    """What ``load_translator(folder)`` decodes of the dev cache's first 4 clips, in a fresh
+    process, which must import no training stage to do it."""
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(folder), str(features)], env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["training_modules"] == [], result["training_modules"]
+    return result["hypotheses"]
+
+
+def eval_hypotheses(run_dir, step: int) -> dict:
+    return {row.split("\t")[0]: row.split("\t")[1] for row in (run_dir / "eval" / f"step-{step}" / "hypotheses.tsv").read_text().splitlines()[1:]}
 
 
 def test_qlora_zero3_two_ranks_trains_generates_saves_and_resumes(assets, tmp_path):
@@ -60,10 +77,8 @@ def test_qlora_zero3_two_ranks_trains_generates_saves_and_resumes(assets, tmp_pa
         assert (final / name).is_file(), name
     # The adapter saved after generating (the evaluation) reloads in a fresh process and
     # translates exactly as the training process did.
-    expected = {row.split("\t")[0]: row.split("\t")[1] for row in (out / "eval" / "step-12" / "hypotheses.tsv").read_text().splitlines()[1:]}
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(final), str(assets["features"])], env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
+    expected = eval_hypotheses(out, 12)
+    assert reload_hypotheses(final, assets["features"]) == expected
     # A longer budget continues from the checkpoint, on one rank (a requeue on fewer nodes):
     # the ZeRO-3 QLoRA state goes through DeepSpeed's universal checkpoint conversion.
     before = losses(out)
@@ -92,6 +107,29 @@ def test_mbart_backend_trains(assets, tmp_path):
                    "train.epochs=5", "train.max_steps=20", "train.lr=1e-2", "stage2.projector_lr=1e-2"))
     assert falls(losses(out)), losses(out)
     assert (out / "step-20" / "mbart" / "model.safetensors").is_file()
+
+
+def test_t5_backend_under_zero2_trains_evaluates_exports_and_translates(assets, tmp_path):
+    out = tmp_path / "run"
+    run(stage2_cmd(assets, out, 1, "stage2.backend=t5", f"stage2.model={assets['t5']}", f"stage2.features={assets['features']}",
+                   "train.ds_config=ds_configs/zero2.json", "train.epochs=5", "train.max_steps=20", "train.lr=1e-2", "stage2.projector_lr=1e-2"))
+    assert falls(losses(out)), losses(out)
+    final = out / "step-20"
+    assert check_complete(final, hashes=True) is None
+    for name in ("t5/model.safetensors", "t5/config.json", "t5/tokenizer.json", "projector/projector.safetensors", "encoder/encoder.safetensors"):
+        assert (final / name).is_file(), name
+    assert not (final / "adapter").exists() and not (final / "mbart").exists()
+    metrics = json.loads((out / "eval" / "step-20" / "metrics.json").read_text())
+    assert metrics["n"] == 4 and "signjoey" in metrics["convention"]
+    bundle = tmp_path / "bundle"
+    run([sys.executable, "-m", "fla_ds", "export", "--checkpoint", str(out), "--out", str(bundle)])
+    assert json.loads((bundle / "bundle.json").read_text())["backend"] == "t5"
+    assert sorted(p.name for p in bundle.iterdir()) == ["COMPLETE", "bundle.json", "config.yaml", "encoder", "projector", "t5"]
+    # The bundle, in a fresh process, translates the dev clips exactly as training evaluated them.
+    assert reload_hypotheses(bundle, assets["features"]) == eval_hypotheses(out, 20)
+    video = sorted((assets["shards"].parent / "synth" / "videos").glob("*.mp4"))[0]
+    proc = run([sys.executable, "-m", "fla_ds", "translate", "--model", str(bundle), "--beam", "1", str(video)])
+    assert proc.stdout.startswith(str(video) + "\t")
 
 
 def test_training_from_video_without_a_cache(assets, tmp_path):

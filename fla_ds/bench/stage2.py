@@ -14,11 +14,12 @@ def stage2_step_times(cfg, step_dir: Path, shards: Path, features: Path, steps: 
     import torch
     from omegaconf import OmegaConf
 
-    from fla_ds.stage2 import build_backend, language_model_path, load_frozen_encoder
+    from fla_ds.backends import get_backend, language_model_path
+    from fla_ds.model import load_frozen_encoder
     from fla_ds.stream import ShardStream
 
     encoder, enc_cfg = load_frozen_encoder(step_dir, torch.float32)
-    model = build_backend(cfg, language_model_path(cfg), enc_cfg.visual.out_dim, torch.float32).train()
+    model = get_backend(cfg.stage2.backend).build(cfg, language_model_path(cfg), enc_cfg.visual.out_dim, torch.float32).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     base = {"split": "train", "train": True, "num_workers": 1}
 

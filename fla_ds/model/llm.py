@@ -1,5 +1,5 @@
-"""Stage 2, decoder-only backend: a LLaMA-family model in 4-bit NF4 with LoRA (QLoRA) reading
-the frozen encoder's features as soft tokens in front of a text prompt.
+"""Stage 2, decoder-only backend (``decoder_only``): a LLaMA-family model in 4-bit NF4 with
+LoRA (QLoRA) reading the frozen encoder's features as soft tokens in front of a text prompt.
 
     features (B, T, D) --Projector--> visual tokens --+
     prompt + target ids --LLM input embeddings-------+--> [BOS] visual prompt target EOS --> LLM
@@ -12,21 +12,22 @@ gather what each call needs; ``generate`` must then get ``synced_gpus=True`` on 
 
 A saved adapter is a plain peft folder: ``PeftModel.from_pretrained(base, folder)`` loads it
 in a process without DeepSpeed (``load_for_inference`` does that with the same dtypes as
-training, so its outputs equal the trained model's).
+training, so its outputs equal the trained model's). A step folder holds ``adapter/`` and
+``tokenizer/``; ``fla-ds export --merge`` folds the adapter into full-precision weights
+(``model/`` in the bundle), which then need neither bitsandbytes nor peft.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-"""Label of a position that is not a target token (cross-entropy skips it)."""
-
+from fla_ds.model.loss import IGNORE_INDEX, target_token_loss
 
 # ------------------------------------------------------------------------------ loading
 
@@ -302,8 +303,9 @@ class VisualLLM(nn.Module):
 
     def forward(self, features: torch.Tensor, feat_mask: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss_sum, n_tokens)``: cross-entropy SUMMED over the target tokens and EOS, and
-        how many there are; the training loop divides by the count all-reduced across ranks
-        (Hugging Face's own loss is a per-batch mean, which would weigh tokens unequally)."""
+        how many there are (features: float (B, T, D), feat_mask: bool (B, T), B texts); the
+        training loop divides by the count all-reduced across ranks
+        (``fla_ds.model.loss.target_token_loss``)."""
         targets = self.target_ids(texts)
         batch = self.build_batch(features, feat_mask, targets)
         width = batch.labels.shape[1]
@@ -318,10 +320,7 @@ class VisualLLM(nn.Module):
             logits_to_keep=keep,
         )
         logits = out.logits[:, :-1]  # positions width-keep .. width-2 predict the next token
-        labels = batch.labels[:, width - keep + 1 :]
-        counted = labels != IGNORE_INDEX
-        loss = F.cross_entropy(logits[counted].float(), labels[counted], reduction="sum")
-        return loss, counted.sum()
+        return target_token_loss(logits, batch.labels[:, width - keep + 1 :])
 
     # ---------------------------------------------------------------- inference
 
@@ -329,8 +328,9 @@ class VisualLLM(nn.Module):
     def generate(
         self, features: torch.Tensor, feat_mask: torch.Tensor, max_new_tokens: int = 64, num_beams: int = 5, synced_gpus: bool = False
     ) -> list[str]:
-        """Beam search from [BOS] visual prompt; one string per clip. Put the module in eval
-        mode first (LoRA dropout). ``synced_gpus=True`` on every rank under ZeRO-3."""
+        """Beam search from [BOS] visual prompt; one string per clip. features: float (B, T, D),
+        feat_mask: bool (B, T). Put the module in eval mode first (LoRA dropout).
+        ``synced_gpus=True`` on every rank under ZeRO-3."""
         batch = self.build_batch(features, feat_mask, None)
         # Without input_ids, generate returns only the new tokens.
         out = self.llm.generate(
@@ -346,3 +346,81 @@ class VisualLLM(nn.Module):
         )
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return [t.strip() for t in texts]
+
+
+# ------------------------------------------------------------------------------ the backend
+
+
+def merge_adapter(base_path: str, adapter: Path, out: Path) -> None:
+    """Base weights in full precision with the LoRA update folded in, saved with the tokenizer
+    into ``out``: no bitsandbytes and no peft needed to run it. The adapter is checked first
+    (raises ArtifactError)."""
+    from fla_ds.artifacts import load_adapter
+
+    merged = load_adapter(base_path, adapter, lambda: load_base(base_path, qlora=False, dtype=torch.float32)).merge_and_unload()
+    merged.save_pretrained(str(out), safe_serialization=True)
+    load_generation_tokenizer(base_path).save_pretrained(str(out))
+
+
+class DecoderOnlyBackend:
+    """``stage2.backend=decoder_only`` (``fla_ds.backends.Backend``): ``stage2.model`` any
+    LLaMA-family folder (default the embedded SmolLM2-135M-Instruct), QLoRA (``stage2.qlora``,
+    ``lora_*``), ``stage2.prompt``; the LoRA adapter in ``adapter/``, the tokenizer in
+    ``tokenizer/``. A bundle records the base model's location, or holds the merged model in
+    ``model/`` (``--merge``)."""
+
+    name = "decoder_only"
+    folder = "adapter"
+    bundle_parts = ("adapter", "tokenizer")
+    model_types: tuple[str, ...] = ()  # any causal LM transformers loads
+
+    def build(self, cfg, lm_path: str, feature_dim: int, dtype: torch.dtype, ds_config: dict | None = None) -> VisualLLM:
+        from fla_ds.backends import new_projector, zero3_loading
+
+        s = cfg.stage2
+        keep = zero3_loading(ds_config)  # before from_pretrained
+        projector = new_projector(cfg, lm_path, feature_dim, dtype)
+        llm, tokenizer = load_decoder_only(lm_path, qlora=s.qlora, lora_r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+                                           target_modules=s.lora_targets, dtype=dtype, gradient_checkpointing=cfg.train.gradient_checkpointing)
+        model = VisualLLM(llm, tokenizer, projector, s.prompt, max_target_tokens=s.max_target_tokens)
+        model.hf_deepspeed_config = keep  # lives as long as the model
+        return model
+
+    def trainable_state(self, model: VisualLLM) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items() if "projector." in k or "lora_" in k}
+
+    def save(self, model: VisualLLM, state: dict[str, torch.Tensor], step_dir: Path) -> None:
+        save_adapter(model, Path(step_dir) / self.folder, state_dict=state)
+        model.tokenizer.save_pretrained(str(Path(step_dir) / "tokenizer"))
+
+    def load(self, folder: Path, cfg, projector: nn.Module, dtype: torch.dtype, bundle: dict) -> VisualLLM:
+        from fla_ds.artifacts import hf_errors
+        from fla_ds.backends import language_model_path
+
+        s, folder = cfg.stage2, Path(folder)
+        if bundle.get("merged"):
+            llm = load_base(folder / "model", qlora=False, dtype=dtype, artifact=True).eval()
+            with hf_errors(folder / "model", "the tokenizer"):
+                tokenizer = load_generation_tokenizer(folder / "model")
+        else:
+            base = bundle.get("base_model") or language_model_path(cfg)
+            llm, tokenizer = load_for_inference(base, folder / self.folder, qlora=s.qlora, dtype=dtype)
+        return VisualLLM(llm, tokenizer, projector, s.prompt, max_target_tokens=s.max_target_tokens)
+
+    def check(self, step_dir: Path, cfg) -> None:
+        from fla_ds.artifacts import check_adapter
+        from fla_ds.backends import language_model_path
+
+        check_adapter(Path(step_dir) / self.folder, language_model_path(cfg))
+
+    def export(self, bundle_dir: Path, cfg, merge: bool) -> dict:
+        from fla_ds.backends import language_model_path
+
+        info = {"base_model": str(Path(language_model_path(cfg)).resolve())}
+        if merge:
+            merge_adapter(info["base_model"], Path(bundle_dir) / self.folder, Path(bundle_dir) / "model")
+            info["merged"] = True
+        return info
+
+
+BACKEND = DecoderOnlyBackend()

@@ -1,8 +1,12 @@
 """The visual encoder: ResNet-18 on every real frame, then one temporal block
-(Conv1d + BatchNorm + ReLU), as in FLa-LLM's stage 1. This is the part stage 2 keeps."""
+(Conv1d + BatchNorm + ReLU), as in FLa-LLM's stage 1. This is the part stage 2 keeps
+(``load_frozen_encoder``: from a stage-1 step folder, or the ``encoder/`` of a stage-2 step
+folder or bundle)."""
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -96,6 +100,15 @@ class VisualEncoder(nn.Module):
         else:
             log.info("visual encoder: ResNet-18 randomly initialised (no pretrained checkpoint given)")
 
+    @classmethod
+    def from_config(cls, cfg, pretrained: bool = False) -> VisualEncoder:
+        """The encoder the config's ``visual`` section describes. ``pretrained``: the CNN starts
+        from the ImageNet checkpoint ``visual.pretrained`` names (stage-1 training); otherwise
+        the weights are about to be replaced by a checkpoint's, and that file need not exist
+        (nor be read) where the checkpoint is loaded."""
+        v = cfg.visual
+        return cls(out_dim=v.out_dim, kernel_size=v.temporal_kernel, pretrained=(v.pretrained or None) if pretrained else None)
+
     def frame_features(self, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ResNet-18 on the real frames only (padding can be a third of a batch: no compute
         spent on it, and no padding in the CNN's BatchNorm statistics); (B, T, 512) with
@@ -109,3 +122,24 @@ class VisualEncoder(nn.Module):
     def forward(self, video: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = mask.to(device=video.device, dtype=torch.bool)
         return self.temporal(self.frame_features(video, mask), mask), mask
+
+
+def load_frozen_encoder(step_dir: str | os.PathLike, dtype: torch.dtype) -> tuple[VisualEncoder, object]:
+    """The stage-1 encoder in eval mode (BatchNorm running statistics, so a clip's features do
+    not depend on its batch mates), without gradients, on this process's device in ``dtype``,
+    and the stage-1 config that built it, from ``step_dir``: a stage-1 step folder, or the
+    ``encoder/`` of a stage-2 step folder or bundle (``config.yaml`` + ``encoder.safetensors``).
+    The caller verifies the folder's manifest (``fla_ds.artifacts.verify_folder``). Raises
+    ArtifactError naming ``encoder.safetensors`` when it is not intact safetensors or does not
+    fit the encoder the config builds, ConfigError for a config outside the schema."""
+    from fla_ds.artifacts import load_safetensors, load_state
+    from fla_ds.config import load_config
+    from fla_ds.distributed import device
+
+    step_dir = Path(step_dir)
+    enc_cfg = load_config(str(step_dir / "config.yaml"))
+    encoder = VisualEncoder.from_config(enc_cfg)
+    weights = step_dir / "encoder.safetensors"
+    load_state(encoder, load_safetensors(weights), weights)
+    encoder.requires_grad_(False)
+    return encoder.eval().to(device=device(), dtype=dtype), enc_cfg
