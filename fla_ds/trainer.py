@@ -23,6 +23,7 @@ epoch's remaining samples over the new layout (fla_ds/stream.py).
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import signal
@@ -206,7 +207,7 @@ class Trainer:
     def save(self, metrics: Optional[dict] = None) -> Path:
         p = self.progress
         state = {"epoch": p.epoch, "step": p.step, "best": p.best, "eval_due": p.eval_due, "loader": self.stream.state_dict(),
-                 "metrics": metrics or {}, "world_size": self.world, "zero_stage": self.zero_stage}
+                 "metrics": {k: v for k, v in (metrics or {}).items() if k != "examples"}, "world_size": self.world, "zero_stage": self.zero_stage}
         step_dir = checkpoint.save_checkpoint(self.engine, self.run_dir, p.step, state, lambda d: self.stage.export(self.engine, d))
         self.log.event("checkpoint", step=p.step, path=str(step_dir))
         return step_dir
@@ -235,8 +236,9 @@ class Trainer:
         finally:
             self.engine.train()
 
-    def after_epoch(self) -> str:
-        """Evaluate on dev, save, keep the best by ``eval.best_metric``, prune old checkpoints. Returns
+    def after_epoch(self, trained_epoch: int) -> str:
+        """Evaluate on dev, save, keep the best by ``eval.best_metric``, prune old checkpoints.
+        ``trained_epoch``: the epoch the weights finished (what the eval line reports). Returns
         'preempted' when a stop signal cut the evaluation short (saved, with eval_due)."""
         from fla_ds.evaluate.run import EvaluationInterrupted
 
@@ -248,7 +250,7 @@ class Trainer:
             self.log.event("preempted", step=self.progress.step, signal=self.stop.raised or "another rank", during="evaluation")
             return "preempted"
         self.progress.eval_due = False
-        self.log.event("eval", step=self.progress.step, epoch=self.progress.epoch, **{k: v for k, v in metrics.items() if not isinstance(v, str)})
+        self.log_evaluation(metrics, trained_epoch)
         metric = self.cfg.eval.best_metric
         score = metrics.get(metric)
         step_dir = self.save(metrics)
@@ -257,6 +259,25 @@ class Trainer:
             checkpoint.mark_best(self.run_dir, step_dir, f"{self.cfg.eval.split} {metric}", score)
         checkpoint.prune(self.run_dir, self.cfg.train.keep_last)
         return "saved"
+
+    def log_evaluation(self, metrics: dict, epoch: int) -> None:
+        """The scores on one line, then a few examples: translation beside reference."""
+        scores = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.log.event("eval", step=self.progress.step, epoch=epoch, **scores)
+        if metrics.get("examples"):
+            self.log.event("examples", step=self.progress.step, examples=metrics["examples"])
+
+    def summarize(self, outcome: str, seconds: float) -> None:
+        """The closing summary: where training stopped, its pace, the best checkpoint and its
+        scores, where the checkpoints are."""
+        p, best = self.progress, checkpoint.read_best(self.run_dir) or {}
+        scores = {}
+        if best.get("step") and (self.run_dir / best["step"] / "trainer.json").is_file():
+            saved = json.loads((self.run_dir / best["step"] / "trainer.json").read_text("utf-8")).get("metrics", {})
+            scores = {k: v for k, v in saved.items() if k in ("bleu4", "rouge_l", "bleu_13a") and isinstance(v, (int, float))}
+        self.log.event("summary", outcome=outcome, step=p.step, total_steps=self.total_steps, epoch=p.epoch, seconds=seconds,
+                       samples_per_s=self.samples_seen / seconds if seconds > 0 else 0.0, run_dir=str(self.run_dir),
+                       latest=checkpoint.read_latest(self.run_dir), best={**best, "scores": scores} if best else {})
 
     def done(self) -> bool:
         return self.progress.step >= self.total_steps
@@ -272,6 +293,7 @@ class Trainer:
             loss, n_tok = self.train_micro_batch(batch)
             losses.append(loss)
             samples += int(batch.valid.sum()) * self.world
+            self.samples_seen += int(batch.valid.sum()) * self.world
             tokens += n_tok * self.world
             if self.stream.steps_done % self.gas:
                 continue
@@ -279,7 +301,7 @@ class Trainer:
             if p.step % cfg.log_every == 0 or p.step == 1:
                 seconds = time.perf_counter() - started
                 self.log.step(p.step, epoch=p.epoch, loss=float(np.mean(losses)), lr=self.engine.get_lr()[-1],
-                              samples_per_s=samples / seconds, tokens_per_s=tokens / seconds)
+                              samples_per_s=samples / seconds, tokens_per_s=tokens / seconds, **self.health())
                 started, samples, tokens, losses = time.perf_counter(), 0, 0, []
             if self.stop.agreed():
                 return self.preempted()
@@ -290,7 +312,7 @@ class Trainer:
                 from fla_ds.evaluate.run import EvaluationInterrupted
 
                 try:
-                    self.log.event("eval", step=p.step, **self.evaluate())
+                    self.log_evaluation(self.evaluate(), p.epoch)
                 except EvaluationInterrupted:
                     return self.preempted()
             if self.stream.steps_done >= usable:
@@ -299,27 +321,44 @@ class Trainer:
                 return "budget"
         return "epoch"
 
+    def health(self) -> dict:
+        """Gradient norm (DeepSpeed's, before clipping) and, on a GPU, peak memory since the last
+        log line: read only on log steps (each is a host sync)."""
+        values = {}
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            values["grad_norm"] = float(norm)
+        if torch.cuda.is_available():
+            values["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        return values
+
     def preempted(self) -> str:
         self.save()
         self.log.event("preempted", step=self.progress.step, signal=self.stop.raised or "another rank")
         return "preempted"
 
     def fit(self) -> int:
+        started = time.perf_counter()
+        self.samples_seen = 0
         self.resume()
         p = self.progress
         self.engine.train()
-        if p.eval_due and self.after_epoch() == "preempted":  # the evaluation a stop cut short
-            self.log.close()
-            return 0
-        while not self.done() and p.epoch < self.cfg.train.epochs:
+        outcome = "finished"
+        if p.eval_due and self.after_epoch(p.epoch - 1) == "preempted":  # the evaluation a stop cut short
+            outcome = "preempted"
+        while outcome != "preempted" and not self.done() and p.epoch < self.cfg.train.epochs:
             self.stream.set_epoch(p.epoch)
-            outcome = self.run_epoch()
-            if outcome == "preempted":
+            result = self.run_epoch()
+            if result == "preempted":
+                outcome = "preempted"
                 break
-            if outcome == "epoch":
+            trained = p.epoch
+            if result == "epoch":
                 p.epoch += 1
                 self.stream.set_epoch(p.epoch)  # the checkpoint resumes at the next epoch's start
-            if self.after_epoch() == "preempted":
-                break
+            if self.after_epoch(trained) == "preempted":
+                outcome = "preempted"
+        self.summarize(outcome, time.perf_counter() - started)
         self.log.close()
         return 0

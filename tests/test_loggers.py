@@ -22,6 +22,8 @@ from fla_ds.preflight import LaunchError
 ALL = ["jsonl", "console", "tensorboard", "wandb", "mlflow"]
 REPO = Path(__file__).resolve().parent.parent
 
+TOTAL = 4
+
 STEPS = [
     (1, {"epoch": 0, "loss": 2.5, "lr": 0.01, "samples_per_s": 12.75, "tokens_per_s": 300.5}),
     (2, {"epoch": 0, "loss": 1.25, "lr": 0.005, "samples_per_s": 13.0, "tokens_per_s": 310.0}),
@@ -73,7 +75,7 @@ def write_launch(folder: Path, steps, events, loggers=ALL, rank: int = 0) -> str
     """One launch of a run: what the trainer would tell RunLog. Returns the console output."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        log = RunLog(folder, rank, loggers, total_steps=4, project="fla-ds-test")
+        log = RunLog(folder, rank, loggers, total_steps=TOTAL, project="fla-ds-test")
         for step, values in steps:
             log.step(step, **values)
         for kind, values in events:
@@ -162,10 +164,13 @@ def test_jsonl_records_steps_and_events(logged):
 
 def test_console_prints_plain_lines_off_a_terminal(logged):
     _, console = logged
+    import re
+
     lines = [line for line in console.splitlines() if not line.startswith("wandb:")]
-    assert lines == [
-        "step 1 epoch=0 loss=2.5 lr=0.01 samples_per_s=12.75 tokens_per_s=300.5",
-        "step 2 epoch=0 loss=1.25 lr=0.005 samples_per_s=13 tokens_per_s=310",
+    # step / total, the values, and the time left at this launch's pace (unknown after one step)
+    assert lines[0] == f"step 1/{TOTAL} epoch=0 loss=2.5 lr=0.01 samples_per_s=12.75 tokens_per_s=300.5 eta=?"
+    assert re.fullmatch(rf"step 2/{TOTAL} epoch=0 loss=1\.25 lr=0\.005 samples_per_s=13 tokens_per_s=310 eta=\d+s", lines[1]), lines[1]
+    assert lines[2:] == [
         "eval: step=2 epoch=0 bleu4=12.5 rouge_l=30.25",
         "checkpoint: step=2 path=runs/x/step-2",
         "preempted: step=2 signal=SIGTERM",

@@ -3,6 +3,7 @@ synthetic corpus; checkpoint fallback; evaluation (signals and requeues: tests/t
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,17 @@ def test_two_ranks_train_and_the_loss_falls(assets, tmp_path, zero):
     metrics = json.loads((out / "eval" / "step-24" / "metrics.json").read_text())
     assert metrics["n"] == 4 and "signjoey" in metrics["convention"]
     assert len((out / "eval" / "step-24" / "hypotheses.tsv").read_text().splitlines()) == 5
-    assert "eval:" in proc.stdout
+    # What the user watches: step/total with an ETA, each evaluation with translations beside
+    # their references, and a closing summary naming the best checkpoint and where they are.
+    out_lines = proc.stdout
+    assert re.search(r"^step 24/24 epoch=\d+ loss=\S+ lr=\S+ .*grad_norm=\S+ .*eta=\S+$", out_lines, re.M), out_lines[-3000:]
+    assert re.search(r"^eval: step=24 epoch=\d+ .*bleu4=", out_lines, re.M)
+    rows = (out / "eval" / "step-24" / "hypotheses.tsv").read_text().splitlines()[1:]
+    first_id, first_hyp, first_ref = rows[0].split("\t")
+    assert f"  {first_id}\n    reference:  {first_ref}\n    hypothesis: {first_hyp}" in out_lines
+    best = json.loads((out / "best").read_text())
+    assert re.search(rf"^summary: finished at step 24 of 24 .* samples/s\n  best: {best['step']} by {best['metric']} ", out_lines, re.M), out_lines[-1500:]
+    assert f"  checkpoints: {out} (latest step-24)" in out_lines
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(assets, tmp_path):

@@ -48,6 +48,9 @@ def gather_rows(rows: list) -> list:
     return [row for part in everything for row in part]
 
 
+EXAMPLES = 3  # translations shown beside their references after each evaluation
+
+
 def write_results(out_dir: Path, rows: list[tuple[str, str, str]], metrics: dict) -> None:
     lines = ["id\thypothesis\treference"] + ["\t".join(col.replace("\t", " ").replace("\n", " ") for col in row) for row in rows]
     atomic_write_text(out_dir / "hypotheses.tsv", "\n".join(lines) + "\n")
@@ -66,4 +69,5 @@ def evaluate_split(translate: Callable[[Batch], list[str]], cfg, rank: int, worl
     metrics = score([h for _, h, _ in rows], [r for _, _, r in rows], level=e.level.value, phoenix_period=e.phoenix_period) if rows else {"n": 0}
     if rank == 0:
         write_results(out_dir, rows, metrics)
-    return metrics
+    # a few translations beside their references for the log (not written to metrics.json)
+    return {**metrics, "examples": [{"id": i, "hypothesis": h, "reference": r} for i, h, r in rows[:EXAMPLES]]}
