@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +60,8 @@ def eval_crop(width: int, height: int, crop_fraction: float) -> tuple[int, int, 
     return center_box(width, height, eval_crop_side(width, height, crop_fraction))
 
 
-def train_crop(width: int, height: int, crop_fraction: float, rng: random.Random, scale_min: float, max_rotation: float) -> tuple[tuple[int, int, int, int], list[list[float]]]:
+def train_crop(width: int, height: int, crop_fraction: float, rng: random.Random, scale_min: float,
+               max_rotation: float) -> tuple[tuple[int, int, int, int], list[list[float]]]:
     """A random canvas (the frame's largest square, at a random place along the long side) and
     the affine matrix, in grid_sample's normalised coordinates, of a random resized and
     rotated crop inside it: area scaled by [scale_min, 1/scale_min] around the evaluation
@@ -82,7 +82,7 @@ def train_crop(width: int, height: int, crop_fraction: float, rng: random.Random
     return (left, top, left + canvas, top + canvas), theta
 
 
-def to_model_input(video: torch.Tensor, crop_size: int, affine: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def to_model_input(video: torch.Tensor, crop_size: int, affine: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (B, T, H, W, 3) on the device -> normalised (B, T, 3, S, S) float: the training
     warp (``affine``: (B, 2, 3), one per clip), a resize where frames are not S x S, and
     ImageNet normalisation."""
@@ -127,13 +127,13 @@ class Augment:
         """The frames kept of a clip of ``num_frames``: sorted indices."""
         return sample_frame_indices(num_frames, rng, self.keep_ratio, self.stride_jitter, self.max_frames, train)
 
-    def crop(self, width: int, height: int, rng: random.Random, train: bool) -> tuple[tuple[int, int, int, int], Optional[list]]:
+    def crop(self, width: int, height: int, rng: random.Random, train: bool) -> tuple[tuple[int, int, int, int], list | None]:
         """(exact-pixel box (left, top, right, bottom) to cut in the loader, the training warp's
         2x3 affine matrix or None in evaluation)."""
         if train:
             return train_crop(width, height, self.crop_fraction, rng, self.crop_scale_min, self.max_rotation)
         return eval_crop(width, height, self.crop_fraction), None
 
-    def model_input(self, video: torch.Tensor, affine: Optional[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def model_input(self, video: torch.Tensor, affine: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """uint8 (B, T, H, W, 3) on the device -> normalised (B, T, 3, crop_size, crop_size)."""
         return to_model_input(video, self.crop_size, affine, dtype)

@@ -6,8 +6,8 @@ video batch on the device, ``prepare_features`` the visual features from either 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ class VideoBatch:
 
     video: torch.Tensor
     video_mask: torch.Tensor
-    affine: Optional[torch.Tensor]
+    affine: torch.Tensor | None
     text: list[str]
     id: list[str]
     key: list[str]
@@ -54,7 +54,7 @@ class FeatureBatch:
     epoch: int
 
 
-Batch = Union[VideoBatch, FeatureBatch]
+Batch = VideoBatch | FeatureBatch
 
 
 def collate_clips(videos: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,8 +40,8 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -121,7 +121,7 @@ def write_complete(step_dir: Path) -> None:
     write_manifest(step_dir)
 
 
-def check_complete(step_dir: Path, hashes: bool) -> Optional[str]:
+def check_complete(step_dir: Path, hashes: bool) -> str | None:
     """None when the folder is intact, else what is wrong (one line). ``hashes``: check every
     file's sha256 too (DeepSpeed's state included), not only the sizes."""
     from fla_ds.artifacts import ArtifactError, verify_folder
@@ -259,7 +259,7 @@ def mark_best(run_dir: Path, step_dir: Path, metric: str, value: float) -> None:
         atomic_write_json(run_dir / "best", {"step": step_dir.name, "metric": metric, "value": value})
 
 
-def read_best(run_dir: Path) -> Optional[dict]:
+def read_best(run_dir: Path) -> dict | None:
     path = run_dir / "best"
     return json.loads(path.read_text("utf-8")) if path.is_file() else None
 
@@ -276,7 +276,7 @@ def prune(run_dir: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def read_latest(run_dir: Path) -> Optional[str]:
+def read_latest(run_dir: Path) -> str | None:
     path = run_dir / "latest"
     return path.read_text("utf-8").strip() if path.is_file() else None
 
@@ -284,7 +284,7 @@ def read_latest(run_dir: Path) -> Optional[str]:
 # ------------------------------------------------------------------ resuming
 
 
-def choose_resume(run_dir: Path, hashes: bool) -> Optional[Path]:
+def choose_resume(run_dir: Path, hashes: bool) -> Path | None:
     """Rank 0 picks the newest intact checkpoint and tells the others: a stressed shared
     filesystem can show ranks different listings."""
     choice = [None]
@@ -342,7 +342,7 @@ class ResumeError(RuntimeError):
     """A checkpoint cannot be resumed from; one line."""
 
 
-def load_checkpoint(engine, step_dir: Path, universal: Optional[Path] = None) -> dict:
+def load_checkpoint(engine, step_dir: Path, universal: Path | None = None) -> dict:
     """Restore the engine (from ``universal``, a converted copy, when given) and this rank's
     RNG; returns the trainer state."""
     source = (universal or step_dir) / "engine"

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from fla_ds.config import ConfigError, load_config
 
@@ -112,7 +112,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fla_ds.distributed import init_distributed, shutdown
     from fla_ds.evaluate.run import evaluate_split
     from fla_ds.inference import load_translator
-
     from fla_ds.stream import Source
 
     step_dir = resolve_checkpoint(args.checkpoint)
@@ -327,7 +326,7 @@ def _known_errors() -> tuple[type, ...]:
     return (ConfigError, UsageError, CorpusError, BuildError, ShardFormatError, IndexFormatError, SampleError, ArtifactError, LaunchError)
 
 
-def parse(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     """key=value overrides may stand before, between or after the flags."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -341,7 +340,7 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # the rest is train.py's command line, its own flags and help included
         from fla_ds.train import main as train_main

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -76,7 +76,7 @@ class ShardsConfig:
     """Per-frame JPEG quality (docs/benchmarks.md says why per-frame JPEG)."""
     workers: int = 1
     """Processes encoding shards in parallel; the output bytes do not depend on it."""
-    order_seed: Optional[int] = 0
+    order_seed: int | None = 0
     """Samples are put in a seeded random order before sharding so that one shard mixes
     signers and days; null keeps the corpus order."""
     max_frames: int = 0
@@ -383,7 +383,7 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-def load_config(config_file: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+def load_config(config_file: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """Schema defaults <- YAML file <- key=value overrides, validated against the schema."""
     cfg = OmegaConf.structured(Config)
     if config_file:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from fla_ds.augment import Augment
 from fla_ds.config import save_resolved
 from fla_ds.corpus.synthetic import generate
 from fla_ds.shards.build import build_shards
-from fla_ds.augment import Augment
 from fla_ds.stream import ShardStream, Source
 
 

@@ -29,8 +29,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -42,8 +42,8 @@ from fla_ds.batch import VideoBatch, prepare_features
 from fla_ds.corpus.base import canonical_split
 from fla_ds.distributed import barrier
 from fla_ds.model import VisualEncoder
-from fla_ds.shards.index import load_index, read_index
 from fla_ds.shards.format import FEATURE_DTYPE, ShardWriter
+from fla_ds.shards.index import load_index, read_index
 from fla_ds.stream import ShardStream
 
 log = logging.getLogger("fla_ds")
@@ -205,7 +205,7 @@ def check_out_folder(out: Path, shards: Path) -> None:
         raise FeatureError(f"{out} holds video shards; write the feature cache to its own folder")
 
 
-def update_index(out: Path, split: str, entry: Optional[dict]) -> None:
+def update_index(out: Path, split: str, entry: dict | None) -> None:
     """Set (or with None remove) one split's entry; other splits stay as they are."""
     with folder_lock(out):
         path = out / "index.json"
@@ -230,7 +230,7 @@ def remove_unlisted(out: Path, split: str, entry: dict) -> None:
 # ------------------------------------------------------------------ the extraction
 
 
-def placement(rank: Optional[int], world: Optional[int]) -> tuple[int, int]:
+def placement(rank: int | None, world: int | None) -> tuple[int, int]:
     """(rank, world size) given, else the process group's."""
     from fla_ds.distributed import rank as group_rank
     from fla_ds.distributed import world_size
@@ -238,8 +238,8 @@ def placement(rank: Optional[int], world: Optional[int]) -> tuple[int, int]:
     return (group_rank() if rank is None else rank), (world_size() if world is None else world)
 
 
-def extract_features(step_dir, shards, out, split: str = "train", views: int = 1, rank: Optional[int] = None, world: Optional[int] = None,
-                     batch_size: int = 8, num_workers: int = 2, seed: int = 0, samples_per_shard: int = 256) -> Optional[dict]:
+def extract_features(step_dir, shards, out, split: str = "train", views: int = 1, rank: int | None = None, world: int | None = None,
+                     batch_size: int = 8, num_workers: int = 2, seed: int = 0, samples_per_shard: int = 256) -> dict | None:
     """Encode every clip of ``split`` in the video shards ``shards`` with the stage-1 encoder
     of ``step_dir`` into a feature cache in ``out``, ``views`` times (view 0 centre crop,
     views >= 1 seeded augmentations). Under torchrun every rank calls it (rank and world come

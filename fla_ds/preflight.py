@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Optional
 
 from omegaconf import OmegaConf
 
@@ -143,7 +142,7 @@ def check_model_type(config_file: Path, backend) -> None:
                           f"{', '.join(backend.model_types)} models")
 
 
-def newest_complete(run_dir: Path) -> Optional[Path]:
+def newest_complete(run_dir: Path) -> Path | None:
     from fla_ds.checkpoint import step_dirs
 
     return next((p for p in step_dirs(run_dir) if (p / "COMPLETE").is_file()), None) if run_dir.is_dir() else None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -69,8 +68,8 @@ class Stage1:
         self.rank = rank
         self.augment = Augment(cfg.augment)
         self.hidden_size = cfg.light_t.d_model
-        self.vocab_path: Optional[Path] = None
-        self.vocab: Optional[TrimmedVocab] = None
+        self.vocab_path: Path | None = None
+        self.vocab: TrimmedVocab | None = None
         self._translator: Stage1Translator | None = None
 
     def prepare(self) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -43,7 +42,7 @@ class Stage2:
     def __init__(self, cfg, rank: int):
         self.cfg, self.rank = cfg, rank
         self.backend = get_backend(cfg.stage2.backend)
-        self.encoder: Optional[VisualEncoder] = None
+        self.encoder: VisualEncoder | None = None
         self.zero3 = False
         self.dtype = torch.float32
         self._translator: Stage2Translator | None = None

@@ -33,18 +33,18 @@ import random
 import signal
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fla_ds.batch import Batch, FeatureBatch, VideoBatch, collate_clips, collate_features
-from fla_ds.shards.index import load_index
 from fla_ds.shards.format import iter_raw_samples, parse_feature_sample, parse_sample, read_frame
+from fla_ds.shards.index import load_index
 
 Ref = tuple[int, int]  # (shard number in the index, sample position in that shard)
 
@@ -149,7 +149,7 @@ class ShardSet:
     fingerprint: str
 
     @classmethod
-    def from_index(cls, folder: str, split: str) -> "ShardSet":
+    def from_index(cls, folder: str, split: str) -> ShardSet:
         """The split as ``load_index`` checked it: kind, views laid out alike (clips are found
         by (shard, position) in every view), shard files inside the folder, regular and of
         the indexed size. Raises IndexFormatError (one line; a split with no samples too)."""
@@ -167,7 +167,7 @@ class _EpochDataset(IterableDataset):
     """One rank's batches of one epoch, from ``start_step`` on; each worker takes every
     ``workers``-th step, so that the DataLoader's round-robin yields them in step order."""
 
-    def __init__(self, stream: "ShardStream", batches: list, start_step: int):
+    def __init__(self, stream: ShardStream, batches: list, start_step: int):
         self.shards, self.batches, self.start_step = stream.shards, batches, start_step
         self.workers, self.epoch, self.seed = stream.cfg.num_workers, stream.epoch, stream.cfg.seed
         self.augment, self.random_augment = stream.augment, stream.random_augment
@@ -224,7 +224,7 @@ class _EpochDataset(IterableDataset):
         return VideoBatch(video, mask, affine, **common)
 
 
-def clip_from_pack(meta: dict, pack, augment, rng: random.Random, train: bool, where: str = "clip") -> tuple[np.ndarray, Optional[list]]:
+def clip_from_pack(meta: dict, pack, augment, rng: random.Random, train: bool, where: str = "clip") -> tuple[np.ndarray, list | None]:
     """One clip as the model's loader sees it: ``augment``'s frames (T/4) sampled, decoded and
     cropped (uint8 (T, S, S, 3)), and the training warp's matrix (None when ``train`` is
     False). Also used by ``fla-ds translate``, so that inference preprocesses exactly like
@@ -284,7 +284,7 @@ class Source:
     input (None for a feature cache)."""
 
     shards: str
-    augment: Optional[object] = None
+    augment: object | None = None
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -328,8 +328,8 @@ class ShardStream:
     damaged shard raises ShardFormatError when read (fla_ds.shards.format). Both are one line.
     """
 
-    def __init__(self, cfg, rank: int, world_size: int, batch_size: int, augment=None, shuffle: Optional[bool] = None,
-                 limit: int = 0, random_augment: Optional[bool] = None):
+    def __init__(self, cfg, rank: int, world_size: int, batch_size: int, augment=None, shuffle: bool | None = None,
+                 limit: int = 0, random_augment: bool | None = None):
         self.cfg = cfg
         self.limit = limit  # only the first ``limit`` samples of each epoch's order (quick evaluations)
         self.rank, self.world_size = rank, world_size
@@ -349,7 +349,7 @@ class ShardStream:
         self.steps_done = 0
 
     @classmethod
-    def from_config(cls, cfg, rank: int = 0, world_size: int = 1, **kwargs) -> "ShardStream":
+    def from_config(cls, cfg, rank: int = 0, world_size: int = 1, **kwargs) -> ShardStream:
         """A stream as a whole config describes it: the ``stream`` section, ``train.micro_batch``
         and the ``augment`` section (keyword arguments as for the constructor)."""
         from fla_ds.augment import Augment
@@ -401,7 +401,7 @@ class ShardStream:
             "epoch": self.epoch,
             "steps_done": self.steps_done,
             "layout": [self.layout.world_size, self.layout.batch_size, self.layout.workers],
-            "history": [[l.world_size, l.batch_size, l.workers, n] for l, n in self.history],
+            "history": [[layout.world_size, layout.batch_size, layout.workers, n] for layout, n in self.history],
             "seed": self.cfg.seed,
             "fingerprint": self.fingerprint,
         }

@@ -23,14 +23,13 @@ import os
 import signal
 import sys
 import time
-from typing import Optional
 
 from fla_ds.config import ConfigError, load_config
 
 LAUNCH_ERROR, SAVE_ERROR, PEER_ERROR = 2, 3, 4
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fla_ds/train.py", description="Train stage 1 or stage 2 of FLa-LLM")
     parser.add_argument("--stage", type=int, choices=[1, 2], required=True)
     parser.add_argument("--config", help="a YAML file, or the name of a config shipped in fla_ds/configs")
@@ -88,7 +87,7 @@ def preflight(args, cfg) -> tuple[int, int]:
     return placement.rank, world
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     try:

@@ -30,7 +30,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -38,11 +38,11 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from fla_ds import checkpoint
+from fla_ds.batch import Batch
 from fla_ds.config import save_resolved
 from fla_ds.distributed import Placement, barrier, device
-from fla_ds.loggers import RunLog
-from fla_ds.batch import Batch
 from fla_ds.engine import accumulation_steps, build_optimizer, fill_ds_config, load_ds_config, resolve_dtype, seed_everything, warmup_cosine
+from fla_ds.loggers import RunLog
 from fla_ds.stream import STOP_SIGNALS, ShardStream, Source
 
 log = logging.getLogger("fla_ds")
@@ -86,10 +86,10 @@ class StopFlag:
     Ctrl-C twice does); read by every rank at the same points (``agreed``). ``received`` (on
     the class) is the last stop signal this process got, for the error path of train.py."""
 
-    received: Optional[str] = None
+    received: str | None = None
 
     def __init__(self):
-        self.raised: Optional[str] = None
+        self.raised: str | None = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handler)
 
@@ -115,7 +115,7 @@ class Progress:
     epoch: int = 0
     step: int = 0
     """Optimizer steps done."""
-    best: Optional[float] = None
+    best: float | None = None
     eval_due: bool = False
     """The evaluation after the last finished epoch was cut short by a stop signal."""
 
@@ -165,7 +165,7 @@ class Trainer:
 
     # -------------------------------------------------------------- resume and save
 
-    def prepare_resume(self) -> tuple[Optional[Path], Optional[Path]]:
+    def prepare_resume(self) -> tuple[Path | None, Path | None]:
         """The checkpoint to resume from (None: a fresh run) and, when it was written by another
         world size or ZeRO stage, its universal copy (rank 0 converts; the others wait)."""
         choice = self.cfg.train.resume
@@ -204,7 +204,7 @@ class Trainer:
                 shutil.rmtree(self.universal, ignore_errors=True)
         log.info("resumed from %s at epoch %d, step %d", self.resume_from, self.progress.epoch, self.progress.step)
 
-    def save(self, metrics: Optional[dict] = None) -> Path:
+    def save(self, metrics: dict | None = None) -> Path:
         p = self.progress
         state = {"epoch": p.epoch, "step": p.step, "best": p.best, "eval_due": p.eval_due, "loader": self.stream.state_dict(),
                  "metrics": {k: v for k, v in (metrics or {}).items() if k != "examples"}, "world_size": self.world, "zero_stage": self.zero_stage}

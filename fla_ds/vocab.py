@@ -30,14 +30,14 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from fla_ds.atomic import atomic_write_text
-from fla_ds.shards.index import load_index
 from fla_ds.shards.format import ShardFormatError, iter_raw_samples
+from fla_ds.shards.index import load_index
 
 VOCAB_VERSION = 1
 SPECIALS = ("pad", "bos", "eos", "unk")
@@ -280,7 +280,7 @@ def round_trip_report(vocab: TrimmedVocab, texts: Sequence[str]) -> dict:
     return {"texts": len(texts), "exact": len(texts) - len(failures), "failures": failures[:MAX_FAILURES_KEPT]}
 
 
-def iter_shard_texts(shard: str, payload: str = "frames", samples: Optional[int] = None) -> Iterator[str]:
+def iter_shard_texts(shard: str, payload: str = "frames", samples: int | None = None) -> Iterator[str]:
     """Texts of one shard in tar order, from the .json members alone, read by the loader's
     reader (fla_ds.shards.format.iter_raw_samples) with its rules: a member fla_ds does not
     write (.pyd, .pickle, a link, ...) refuses the shard, payloads are checked but skipped

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from slurm_cluster import SlurmCluster, Unavailable, start_cluster
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -98,3 +101,22 @@ def manifest_root(tmp_path) -> Path:
         encoding="utf-8",
     )
     return root
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """The session's cluster; skips with the reason when this machine cannot run one, and is
+    stopped (jobs cancelled, daemons terminated by PID) at the end, failures included. Its
+    folder is not pytest's tmp_path: MUNGE wants every folder above its socket world-traversable."""
+    base = Path(tempfile.mkdtemp(prefix="fla-ds-slurm-"))
+    try:
+        try:
+            cluster = start_cluster(base)
+        except Unavailable as exc:
+            pytest.skip(f"no Slurm cluster on this machine: {exc}")
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -9,9 +9,8 @@ import os
 import socket
 import subprocess
 import sys
-
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 TOKENIZER_TEXTS = [
     "am tag scheint die sonne über dem ganzen land",

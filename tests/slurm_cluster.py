@@ -19,12 +19,8 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
-
-import pytest
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo", "srun"]
@@ -201,7 +197,7 @@ class SlurmCluster:
             raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr or proc.stdout}")
         return proc
 
-    def sbatch(self, args: list[str], cwd: Path, env: Optional[dict] = None) -> str:
+    def sbatch(self, args: list[str], cwd: Path, env: dict | None = None) -> str:
         """Submit; returns the job id (never --wait: it polls with growing sleeps)."""
         proc = self.cmd(["sbatch", "--parsable", *args], cwd=cwd, env=env or self.env)
         job = proc.stdout.strip().split(";")[0]
@@ -296,22 +292,3 @@ def start_cluster(base: Path) -> SlurmCluster:
         cluster.stop()
         raise
     return cluster
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    """The session's cluster; skips with the reason when this machine cannot run one, and is
-    stopped (jobs cancelled, daemons terminated by PID) at the end, failures included. Its
-    folder is not pytest's tmp_path: MUNGE wants every folder above its socket world-traversable."""
-    base = Path(tempfile.mkdtemp(prefix="fla-ds-slurm-"))
-    try:
-        try:
-            cluster = start_cluster(base)
-        except Unavailable as exc:
-            pytest.skip(f"no Slurm cluster on this machine: {exc}")
-        try:
-            yield cluster
-        finally:
-            cluster.stop()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)

@@ -13,8 +13,8 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-
 from corpus_factory import REAL_CLIPS, write_frames, write_manifest
+
 from fla_ds.cli import main
 from fla_ds.config import load_config
 from fla_ds.corpus.base import CorpusError, safe_key

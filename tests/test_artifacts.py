@@ -20,14 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_STAGE1, TINY_STAGE2, TRAIN, env, run, save_tiny_llama, synthetic_shards, train_tiny_tokenizer
 from safetensors.torch import save
 
-from fla_ds.atomic import sha256_file
 from fla_ds.artifacts import ArtifactError, check_safetensors, hf_errors, load_safetensors, load_state, verify_folder, write_manifest
+from fla_ds.atomic import sha256_file
 from fla_ds.cli import main
-from helpers import TRAIN, env, run
-from helpers import TINY_STAGE2
-from helpers import TINY_STAGE1, save_tiny_llama, synthetic_shards, train_tiny_tokenizer
 
 VIDEO_STAGE2 = ["augment.crop_size=28", "augment.keep_ratio=0.1", "augment.max_frames=6", "train.epochs=1", "train.max_steps=1", "eval.limit=2"]
 

@@ -26,7 +26,8 @@ PHOENIX_SAMPLE = "25October_2010_Monday_tagesschau-17"
 PHOENIX_DEV = [
     ("11August_2010_Wednesday_tagesschau-2", "Signer08", "tiefer luftdruck bestimmt in den nächsten tagen unser wetter"),
     ("11August_2010_Wednesday_tagesschau-3", "Signer08", "das bedeutet viele wolken und immer wieder zum teil kräftige schauer und gewitter"),
-    ("11August_2010_Wednesday_tagesschau-8", "Signer08", "meist weht nur ein schwacher wind aus unterschiedlichen richtungen der bei schauern und gewittern stark böig sein kann"),
+    ("11August_2010_Wednesday_tagesschau-8", "Signer08",
+     "meist weht nur ein schwacher wind aus unterschiedlichen richtungen der bei schauern und gewittern stark böig sein kann"),
     ("25October_2010_Monday_tagesschau-22", "Signer01", "am mittwoch hier und da nieselregen in der nordwesthälfte an den küsten kräftiger wind"),
     ("05May_2011_Thursday_tagesschau-25", "Signer08", "und nun die wettervorhersage für morgen freitag den sechsten mai"),
     ("14August_2009_Friday_tagesschau-72", "Signer05", "morgen werte von zwanzig grad an der dänischen grenze bis dreißig grad am oberrhein"),

@@ -14,18 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import collect, free_port, synthetic_shards
 from safetensors.torch import save_file
 
 from fla_ds.artifacts import write_manifest
+from fla_ds.atomic import sha256_file
 from fla_ds.augment import to_model_input
 from fla_ds.config import load_config, save_resolved
-from fla_ds.atomic import sha256_file
 from fla_ds.features import FeatureError, extract_features, load_encoder
 from fla_ds.model import VisualEncoder
 from fla_ds.shards import ShardFormatError, iter_raw_samples, load_index
 from fla_ds.shards.format import parse_feature_sample
 from fla_ds.stream import ShardStream, pick_view
-from helpers import collect, free_port, synthetic_shards
 
 # fp16 keeps 11 significant bits: rounding moves a value by at most 2^-11 (4.9e-4) of itself,
 # so cached features may differ from float32 ones by up to that much of the clip's largest

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import TINY_MBART_LANG, save_tiny_llama, save_tiny_mbart
 from transformers import MBartForConditionalGeneration
 
 from fla_ds.model.llm import VisualLLM, load_decoder_only, save_adapter
@@ -23,7 +24,6 @@ from fla_ds.model.loss import IGNORE_INDEX
 from fla_ds.model.mbart import VisualMBart, load_encoder_decoder, trim_mbart_vocab
 from fla_ds.model.projector import Projector
 from fla_ds.vocab import IdMap
-from helpers import TINY_MBART_LANG, save_tiny_llama, save_tiny_mbart
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -153,7 +153,8 @@ def test_left_padding_leaves_each_clip_as_if_alone(llama_dir):
         alone = sum(model(features[i : i + 1, : int(mask[i].sum())], mask[i : i + 1, : int(mask[i].sum())], TEXTS[i : i + 1])[0] for i in range(2))
     assert torch.allclose(together, alone, rtol=1e-4)
     batched = model.generate(features, mask, max_new_tokens=10, num_beams=2)
-    single = [model.generate(features[i : i + 1, : int(mask[i].sum())], mask[i : i + 1, : int(mask[i].sum())], max_new_tokens=10, num_beams=2)[0] for i in range(2)]
+    lengths = [int(mask[i].sum()) for i in range(2)]
+    single = [model.generate(features[i : i + 1, : lengths[i]], mask[i : i + 1, : lengths[i]], max_new_tokens=10, num_beams=2)[0] for i in range(2)]
     assert batched == single
     assert all(isinstance(t, str) for t in batched)
 
@@ -225,9 +226,8 @@ def test_generate_then_save_then_reload_in_a_fresh_process_gives_the_same_model(
 def test_adapter_loads_with_plain_peft(llama_dir, tmp_path):
     """The saved folder is an ordinary peft adapter (no fla_ds needed to read it)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     model = visual_llm(llama_dir, qlora=False, dtype=torch.float32, gradient_checkpointing=False)
     train(model, steps=2)
@@ -281,7 +281,8 @@ def test_mbart_counts_target_tokens_and_eos_and_smooths_labels(mbart_dir):
             assert ids[1:n].tolist() == row[: n - 1].tolist() and row[n - 1] == tokenizer.eos_token_id
         # Summed (1 - 0.2) NLL + 0.2 mean(-log p) over the counted positions only.
         embeds, enc_mask = model.encoder_inputs(features, mask)
-        logp = model.mbart(inputs_embeds=embeds, attention_mask=enc_mask, decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask).logits.log_softmax(-1)
+        logits = model.mbart(inputs_embeds=embeds, attention_mask=enc_mask, decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask).logits
+        logp = logits.log_softmax(-1)
         counted = labels != IGNORE_INDEX
         nll = -logp[counted].gather(1, labels[counted].unsqueeze(1)).sum()
         expected = 0.8 * nll + 0.2 * (-logp[counted].mean(-1)).sum()

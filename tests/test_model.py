@@ -27,7 +27,7 @@ def one_thread():
 
 
 def bn(name: str, c: int) -> list[tuple[str, tuple[int, ...]]]:
-    return [(f"{name}.weight", (c,)), (f"{name}.bias", (c,)), (f"{name}.running_mean", (c,)), (f"{name}.running_var", (c,)), (f"{name}.num_batches_tracked", ())]
+    return [(f"{name}.{key}", (c,)) for key in ("weight", "bias", "running_mean", "running_var")] + [(f"{name}.num_batches_tracked", ())]
 
 
 # torchvision.models.resnet18().state_dict(), in order: names and shapes, written out by hand.

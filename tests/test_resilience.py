@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import TRAIN, env, losses, run, synthetic_shards, train_cmd, train_tiny_tokenizer
 
 from fla_ds.checkpoint import check_complete, step_dirs
-from helpers import TRAIN, env, losses, run, train_cmd
-from helpers import synthetic_shards, train_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("the run did not stop in time after the signal")
+        raise AssertionError("the run did not stop in time after the signal") from None
     return output
 
 
@@ -242,7 +241,7 @@ def test_a_bad_launch_is_one_line_before_anything_is_written(assets, tmp_path, c
     assert proc.returncode != 0
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
-    assert 'fla_ds/' not in "".join(l for l in proc.stderr.splitlines() if l.strip().startswith("File ")), \
+    assert 'fla_ds/' not in "".join(line for line in proc.stderr.splitlines() if line.strip().startswith("File ")), \
         "no traceback from our code (torchrun prints its own summary)"
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "nothing may be written"
 

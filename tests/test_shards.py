@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from corpus_factory import bad_inputs_corpus, frames_corpus, write_manifest
+
 from fla_ds.cli import main
 from fla_ds.config import load_config
 from fla_ds.shards import ShardFormatError, build_shards, iter_raw_samples, parse_sample
@@ -136,7 +136,8 @@ def test_a_different_build_into_the_same_folder_is_refused(tmp_path, capsys):
     manifest = frames_corpus(tmp_path / "corpus", 4)
     build(manifest, tmp_path / "out", "shards.samples_per_shard=2")
     before = tar_bytes(tmp_path / "out")
-    code = main(["shards", "build", "--corpus", "manifest", "--root", str(manifest), "--split", "train", "--out", str(tmp_path / "out"), "shards.short_side=32"])
+    code = main(["shards", "build", "--corpus", "manifest", "--root", str(manifest), "--split", "train", "--out", str(tmp_path / "out"),
+                 "shards.short_side=32"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "different build" in err
     assert tar_bytes(tmp_path / "out") == before
@@ -272,10 +273,10 @@ def test_a_build_that_keeps_no_sample_fails_with_one_line_and_keeps_its_rejects(
 def test_the_cuts_of_one_video_are_planned_together_and_shards_stay_identical_across_workers(tmp_path):
     """Rows of one raw video spread over the manifest land in one shard, in time order, and
     are read in one pass; frame folders around them keep the plain seeded order."""
+    from corpus_factory import REAL_CLIPS, write_frames
+
     from fla_ds.config import load_config
     from fla_ds.shards.plan import make_plan
-
-    from corpus_factory import REAL_CLIPS, write_frames
 
     root = tmp_path / "corpus"
     root.mkdir()

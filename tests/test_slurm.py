@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import TINY_STAGE1, save_tiny_llama, synthetic_shards, train_tiny_tokenizer
+from slurm_cluster import SlurmCluster
 
 from fla_ds.checkpoint import check_complete
-from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the session fixture)
-from helpers import TINY_STAGE1, save_tiny_llama, synthetic_shards, train_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM = ROOT / "slurm"

@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, TRAIN, env, losses, run, synthetic_shards, train_cmd, train_tiny_tokenizer
 from safetensors.torch import load_file
 
 from fla_ds.checkpoint import check_complete, step_dirs
 from fla_ds.trainer import fill_ds_config, load_ds_config
-from helpers import ROOT, TRAIN, env, losses, run, synthetic_shards, train_cmd, train_tiny_tokenizer
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:

@@ -9,9 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import TINY_STAGE1, TRAIN, env, losses, run, save_tiny_llama, save_tiny_mbart, save_tiny_t5, stage2_cmd, synthetic_shards, train_tiny_tokenizer
 
 from fla_ds.checkpoint import check_complete
-from helpers import TINY_STAGE1, TRAIN, env, losses, run, save_tiny_llama, save_tiny_mbart, save_tiny_t5, stage2_cmd, synthetic_shards, train_tiny_tokenizer
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
@@ -73,7 +74,8 @@ def test_qlora_zero3_two_ranks_trains_generates_saves_and_resumes(assets, tmp_pa
     assert falls(losses(out)), losses(out)
     final = out / "step-12"
     assert check_complete(final, hashes=True) is None
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "projector/projector.safetensors", "encoder/encoder.safetensors", "tokenizer/tokenizer.json"):
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "projector/projector.safetensors",
+                 "encoder/encoder.safetensors", "tokenizer/tokenizer.json"):
         assert (final / name).is_file(), name
     # The adapter saved after generating (the evaluation) reloads in a fresh process and
     # translates exactly as the training process did.

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from corpus_factory import frames_corpus
 from helpers import collect, free_port
+
 from fla_ds.augment import to_model_input
 from fla_ds.config import load_config
 from fla_ds.shards import build_shards

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from corpus_factory import frames_corpus
+
+from fla_ds.atomic import sha256_file
 from fla_ds.cli import main
 from fla_ds.config import load_config
-from fla_ds.atomic import sha256_file
 from fla_ds.frames import FramePack, pack_frames
 from fla_ds.shards import ShardFormatError, build_shards, iter_raw_samples, load_index
 from fla_ds.shards.format import MAX_JSON_BYTES, ShardWriter
@@ -204,7 +204,8 @@ HOSTILE_MEMBERS = {
     "absolute path": (member("/x.json", b"{}"), r"member '/x\.json' is not one fla_ds writes"),
     "newline in name": (member("zz.json\n", b"{}"), r"member 'zz\.json\\n' is not one fla_ds writes"),
     "huge payload": (member("zz.frames", size=10**11), r"member 'zz\.frames' claims 100000000000 bytes, past the end of the \d+-byte shard"),
-    "huge json": (member("zz.json", size=MAX_JSON_BYTES + 1), rf"member 'zz\.json' claims {MAX_JSON_BYTES + 1} bytes, more than the {MAX_JSON_BYTES} a \.json member may hold"),
+    "huge json": (member("zz.json", size=MAX_JSON_BYTES + 1),
+                  rf"member 'zz\.json' claims {MAX_JSON_BYTES + 1} bytes, more than the {MAX_JSON_BYTES} a \.json member may hold"),
     "pax bomb": (member("././@PaxHeader", kind=tarfile.XHDTYPE, size=10**9), r"the tar header at byte \d+ claims a 1000000000-byte extended header"),
 }
 
@@ -326,7 +327,8 @@ def test_a_split_with_no_samples_is_refused_with_one_line(folder, capsys):
     (folder / "dev-000000.tar").write_bytes(tar_bytes([]))
     index = read_index(folder)
     index["splits"]["dev"] = {"split": "dev", "plan_fingerprint": "ab" * 32, "samples": 0, "frames": 0, "bytes": 10240,
-                              "shards": [{"name": "dev-000000.tar", "samples": 0, "frames": 0, "bytes": 10240, "sha256": sha256_file(folder / "dev-000000.tar")}]}
+                              "shards": [{"name": "dev-000000.tar", "samples": 0, "frames": 0, "bytes": 10240,
+                                          "sha256": sha256_file(folder / "dev-000000.tar")}]}
     write_index(folder, index)
     expected = rf"{re.escape(str(folder))}: split 'dev' has no samples"
     assert re.search(expected, loader_error(folder, "dev"))
@@ -422,7 +424,8 @@ MALFORMED = {
     "not UTF-8": (b'{"splits": {"\xff": 1}}', r"index\.json: is not UTF-8 JSON"),
     "deep nesting": ("[" * 200_000, r"index\.json: is nested deeper than 32 levels"),
     "deep but valid": (lambda index: index.update(extra=_nested(40)), r"index\.json: is nested deeper than 32 levels"),
-    "NaN": (lambda index: json.dumps({**index, "extra": 1}).replace('"extra": 1', '"extra": NaN'), r"index\.json: is not UTF-8 JSON \(NaN is not a JSON number"),
+    "NaN": (lambda index: json.dumps({**index, "extra": 1}).replace('"extra": 1', '"extra": NaN'),
+            r"index\.json: is not UTF-8 JSON \(NaN is not a JSON number"),
     "duplicate key": (lambda index: json.dumps(index)[:-1] + ', "splits": {}}', r"index\.json: key 'splits' appears twice"),
     "a list": ("[]", r"index\.json: is a list, not a JSON object"),
     "splits a list": (_set(("splits",), []), r"index\.json: splits is a list, not an object"),

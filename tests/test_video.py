@@ -7,11 +7,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from video_gallery import GALLERY, read_pattern, write_long_video, write_oriented, write_video
 
 from fla_ds.corpus.base import VideoFile
 from fla_ds.frames import SampleError, resized_size
 from fla_ds.video import Cut, ReadStats, encode_video, read_cuts
-from video_gallery import GALLERY, read_pattern, write_long_video, write_oriented, write_video
 
 VIDEO_CASES = sorted(name for name in GALLERY if name not in ("audio_only", "long"))
 
@@ -312,8 +312,9 @@ def write_pattern(number: int, stream) -> np.ndarray:
 def test_a_sample_aspect_ratio_set_in_the_container_only_is_applied(tmp_path):
     """``ffmpeg -i a.mp4 -c copy -aspect 4:3 b.mp4``: the bitstream says nothing, the
     container says 4:5; ffmpeg shows 128x96 square pixels for 160x96 stored."""
-    import av
     from fractions import Fraction
+
+    import av
 
     src = write_video(tmp_path / "square.mp4", range(10), size=(160, 96))
     tagged = tmp_path / "tagged.mp4"

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from av.video.reformatter import VideoReformatter
 from PIL import Image
-
 from video_gallery import (
     COVER_NUMBER,
     DISPLAY_MATRICES,

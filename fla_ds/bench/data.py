@@ -25,9 +25,9 @@ from PIL import Image
 
 from fla_ds.augment import Augment, sample_frame_indices, train_crop
 from fla_ds.config import load_config
+from fla_ds.corpus.base import FrameFolder
 from fla_ds.frame_folder import list_frame_files
 from fla_ds.frames import FramePack, decode_jpeg
-from fla_ds.corpus.base import FrameFolder
 
 REAL_VIDEO_GLOBS = ("clips/*.mp4", "how2sign/clips/*.mp4")
 
@@ -158,9 +158,9 @@ def bench_h264(packs: list[FramePack], root: Path, cfg) -> tuple[float, float]:
 
 
 def bench_loader(shards: Path, cfg) -> tuple[float, int]:
-    from fla_ds.stream import ShardStream
-
     from omegaconf import OmegaConf
+
+    from fla_ds.stream import ShardStream
 
     one_worker = {"shards": str(shards), "split": "train", "num_workers": 0, "train": True}
     stream = ShardStream(OmegaConf.merge(cfg.stream, one_worker), 0, 1, 1, Augment(cfg.augment))
@@ -197,7 +197,8 @@ def run_data(cfg) -> int:
         rate = lambda seconds: b.clips / seconds
         rows = [
             ("shard build (1 process)", f"{frames_total / build_s:8.0f} frames/s", ""),
-            ("loader, 1 worker (train, T/4, 224)", f"{loaded / loader_s:8.1f} clips/s", f"{shard_bytes / 1e6:6.2f} MB/clip (JPEG q{build_cfg.shards.jpeg_quality}, short side {build_cfg.shards.short_side})"),
+            ("loader, 1 worker (train, T/4, 224)", f"{loaded / loader_s:8.1f} clips/s",
+             f"{shard_bytes / 1e6:6.2f} MB/clip (JPEG q{build_cfg.shards.jpeg_quality}, short side {build_cfg.shards.short_side})"),
             ("bare JPEG decode of the same frames", f"{rate(bare_s):8.1f} clips/s", ""),
             ("PNG folder, every frame (published)", f"{rate(png_s):8.1f} clips/s", f"{png_bytes / 1e6:6.2f} MB/clip (PNG {b.width}x{b.height})"),
             ("h264 sequential decode to last kept", f"{rate(h264_s):8.1f} clips/s", f"{h264_bytes / 1e6:6.2f} MB/clip (crf 23)"),

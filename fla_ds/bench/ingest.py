@@ -139,7 +139,8 @@ def bench_memory(root: Path, cfg) -> bool:
     print(f"  interpreter with the libraries: {base_mb:8.1f} MB peak")
     print(f"  build with the reader:          {peak_mb:8.1f} MB peak, {above:7.1f} MB above the interpreter = {above / stored_mb:5.2f}x the stored sample "
           f"({'met' if met else 'NOT met'}: goal < 4x)")
-    print(f"  previous reader (decode all, then resize): {old_mb:8.1f} MB peak, {old_mb - base_mb:7.1f} MB above = {(old_mb - base_mb) / (old_stored / 2**20):5.1f}x")
+    ratio = (old_mb - base_mb) / (old_stored / 2**20)
+    print(f"  previous reader (decode all, then resize): {old_mb:8.1f} MB peak, {old_mb - base_mb:7.1f} MB above = {ratio:5.1f}x")
     return met
 
 

@@ -7,7 +7,7 @@ annotation files only and never reject a sample; see ``fla_ds.corpus.base``.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from fla_ds.corpus.base import CorpusError, CorpusReader, CorpusSample, FrameFolder, VideoFile
 from fla_ds.corpus.csl_daily import CSLDailyReader

@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Protocol, Union
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -30,18 +31,18 @@ class VideoFile:
     """A video file, whole, or cut to [start, end) seconds (How2Sign raw videos)."""
 
     path: str
-    start: Optional[float] = None
-    end: Optional[float] = None
+    start: float | None = None
+    end: float | None = None
 
 
-FrameSource = Union[FrameFolder, VideoFile]
+FrameSource = FrameFolder | VideoFile
 
 
 @dataclass(frozen=True)
 class CorpusSample:
     id: str
     frames: FrameSource
-    text: Union[str, bytes]
+    text: str | bytes
     """The target sentence; bytes when the annotation was not valid UTF-8 (rejected later)."""
     meta: dict = field(default_factory=dict)
     """Signer, original times, corpus-specific fields; JSON-serialisable."""
@@ -79,7 +80,7 @@ def repair_mojibake(text: str) -> tuple[str, bool]:
     return text, False
 
 
-def clean_text(raw: Union[str, bytes]) -> tuple[Optional[str], str]:
+def clean_text(raw: str | bytes) -> tuple[str | None, str]:
     """Validate a target sentence.
 
     Returns (text, outcome): outcome is 'ok', 'repaired' (mojibake undone), or a reject reason

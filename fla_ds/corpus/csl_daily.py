@@ -21,8 +21,8 @@ import builtins
 import csv
 import pickle
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Union
 
 from fla_ds.corpus.base import CorpusError, CorpusSample, FrameFolder, canonical_split
 from fla_ds.corpus.files import corpus_root, printable, read_table, require_file, text_or_bytes
@@ -80,7 +80,7 @@ def labels_by_name(path: Path) -> dict[str, dict]:
     return labels
 
 
-def sentence_text(words) -> Union[str, bytes]:
+def sentence_text(words) -> str | bytes:
     """``label_word`` joined without spaces (see the module docstring)."""
     if words is None:
         return ""

@@ -20,8 +20,8 @@ import csv
 import io
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional, Union
 
 from fla_ds.corpus.base import CorpusError
 
@@ -74,7 +74,7 @@ def _is_clean(value: str) -> bool:
     return True
 
 
-def text_or_bytes(value: str) -> Union[str, bytes]:
+def text_or_bytes(value: str) -> str | bytes:
     """The field as str, or as its original bytes when it was not valid UTF-8."""
     return value if _is_clean(value) else _original_bytes(value)
 
@@ -102,7 +102,7 @@ class _OneLine:
     more, which it does only when the line ends inside a quoted field."""
 
     def __init__(self, line: str):
-        self.line: Optional[str] = line
+        self.line: str | None = line
         self.asked_for_more = False
 
     def __iter__(self):
@@ -117,7 +117,7 @@ class _OneLine:
 
 
 def parse_line(
-    line: str, path: Path, number: int, delimiter: str, quoting: int, header: Optional[list[str]] = None
+    line: str, path: Path, number: int, delimiter: str, quoting: int, header: list[str] | None = None
 ) -> list[str]:
     """The fields of one physical line (its line ending included or not).
 
@@ -163,7 +163,7 @@ def read_table(
 
     Raises CorpusError (one line) as above, and for a file without a header line.
     """
-    header: Optional[list[str]] = None
+    header: list[str] | None = None
     for number, line in enumerate(io.StringIO(decode_lossless(path.read_bytes(), path), newline=""), start=1):
         if not line.strip():
             continue

@@ -15,8 +15,8 @@ The file is read by ``fla_ds.corpus.files.read_table`` (one row per line, strict
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from fla_ds.corpus.base import CorpusError, CorpusSample, VideoFile, canonical_split
 from fla_ds.corpus.files import (

@@ -26,8 +26,8 @@ file, the line and the column: the manifest is wrong, not the sample.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from fla_ds.corpus.base import SPLIT_ALIASES, CorpusError, CorpusSample, FrameFolder, FrameSource, VideoFile, canonical_split
 from fla_ds.corpus.files import corpus_root, decode_lossless, json_safe, parse_seconds, printable, read_table, text_or_bytes
@@ -138,7 +138,7 @@ class ManifestReader:
             return FrameFolder(path)
         return VideoFile(path, self.seconds(row, line, "start"), self.seconds(row, line, "end"))
 
-    def seconds(self, row: dict, line: int, column: str) -> Optional[float]:
+    def seconds(self, row: dict, line: int, column: str) -> float | None:
         return parse_seconds(row[column], self.manifest, line, column) if present(row, column) else None
 
     def sample_id(self, row: dict, line: int) -> str:

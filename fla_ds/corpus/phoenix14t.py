@@ -12,8 +12,8 @@ frames lie directly in ``<name>/``, so the folder is built from ``name`` instead
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from fla_ds.corpus.base import CorpusError, CorpusSample, FrameFolder, canonical_split
 from fla_ds.corpus.files import corpus_root, printable, read_table, require_dir, require_file, text_or_bytes

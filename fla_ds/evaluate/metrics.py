@@ -21,7 +21,7 @@ Text is only ever NFC-normalised, lowercased with ``str.lower`` and split: no ch
 from __future__ import annotations
 
 import unicodedata
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from sacrebleu.metrics import BLEU
 

@@ -8,15 +8,15 @@ Used by training (dev after each epoch), by ``fla-ds evaluate`` and by stage 2.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from fla_ds.atomic import atomic_write_json, atomic_write_text
-from fla_ds.evaluate.metrics import score
 from fla_ds.batch import Batch
+from fla_ds.evaluate.metrics import score
 from fla_ds.stream import ShardStream
 
 
@@ -25,7 +25,7 @@ class EvaluationInterrupted(Exception):
 
 
 def decode_split(translate: Callable[[Batch], list[str]], stream: ShardStream,
-                 should_stop: Optional[Callable[[], bool]] = None) -> list[tuple[str, str, str]]:
+                 should_stop: Callable[[], bool] | None = None) -> list[tuple[str, str, str]]:
     """(id, hypothesis, reference) of this rank's valid samples. ``should_stop`` (a collective:
     every rank has the same number of batches) is asked before each batch; raises
     EvaluationInterrupted when it says so."""
@@ -58,7 +58,7 @@ def write_results(out_dir: Path, rows: list[tuple[str, str, str]], metrics: dict
 
 
 def evaluate_split(translate: Callable[[Batch], list[str]], cfg, rank: int, world: int, out_dir: Path, source, split: str = "",
-                   should_stop: Optional[Callable[[], bool]] = None) -> dict:
+                   should_stop: Callable[[], bool] | None = None) -> dict:
     """Decode ``split`` (default: eval.split) of ``source`` (fla_ds.trainer.Source: the shards
     and the Augment the model reads them with) and score it. Raises EvaluationInterrupted (see
     decode_split)."""

@@ -3,8 +3,6 @@ translator that chains them (video -> loss or text ids). Stage 2's projector and
 backends live beside them (projector.py, llm.py, mbart.py, t5.py; registry: fla_ds/backends.py)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 
@@ -45,7 +43,7 @@ class SignTranslator(nn.Module):
         return self.light_t(features, feat_mask, target_ids)
 
     @torch.no_grad()
-    def generate(self, video: torch.Tensor, mask: torch.Tensor, beam_size: int = 5, max_len: Optional[int] = None, length_penalty: float = 1.0) -> list[list[int]]:
+    def generate(self, video: torch.Tensor, mask: torch.Tensor, beam_size: int = 5, max_len: int | None = None, length_penalty: float = 1.0) -> list[list[int]]:
         """Beam search: one row of trimmed-vocabulary ids per clip (decode with the vocabulary)."""
         features, feat_mask = self.encoder(video, mask)
         return self.light_t.generate(features, feat_mask, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)

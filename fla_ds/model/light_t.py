@@ -4,7 +4,6 @@ batched beam search."""
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -144,7 +143,7 @@ class LightT(nn.Module):
         return logp.masked_fill(banned, float("-inf"))
 
     @torch.no_grad()
-    def greedy(self, features: torch.Tensor, feat_mask: torch.Tensor, max_len: Optional[int] = None) -> list[list[int]]:
+    def greedy(self, features: torch.Tensor, feat_mask: torch.Tensor, max_len: int | None = None) -> list[list[int]]:
         """Argmax decoding: the reference that ``generate(beam_size=1)`` must equal."""
         max_len = max_len or self.max_len
         memory = self.encode(features, feat_mask)
@@ -161,7 +160,7 @@ class LightT(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, features: torch.Tensor, feat_mask: torch.Tensor, beam_size: int = 5, max_len: Optional[int] = None, length_penalty: float = 1.0
+        self, features: torch.Tensor, feat_mask: torch.Tensor, beam_size: int = 5, max_len: int | None = None, length_penalty: float = 1.0
     ) -> list[list[int]]:
         """Token ids without BOS/EOS/PAD per clip: ``beam_search``, or greedy decoding for
         ``beam_size=1`` (as in Hugging Face's generate; the length penalty then has no
@@ -172,7 +171,7 @@ class LightT(nn.Module):
 
     @torch.no_grad()
     def beam_search(
-        self, features: torch.Tensor, feat_mask: torch.Tensor, beam_size: int = 5, max_len: Optional[int] = None, length_penalty: float = 1.0
+        self, features: torch.Tensor, feat_mask: torch.Tensor, beam_size: int = 5, max_len: int | None = None, length_penalty: float = 1.0
     ) -> list[list[int]]:
         """Batched beam search with Hugging Face's bookkeeping (the mBART of the paper's
         stage 2 decodes this way).

@@ -19,9 +19,9 @@ training, so its outputs equal the trained model's). A step folder holds ``adapt
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -172,7 +172,7 @@ def load_decoder_only(
     return model, tokenizer
 
 
-def save_adapter(model, folder: str | os.PathLike, state_dict: Optional[dict] = None) -> None:
+def save_adapter(model, folder: str | os.PathLike, state_dict: dict | None = None) -> None:
     """The LoRA adapter as a Hugging Face peft folder (adapter_config.json +
     adapter_model.safetensors). ``model``: a ``VisualLLM`` or the peft model. Under ZeRO-3
     the parameters are partitioned: pass a gathered ``state_dict`` (of either; peft keeps only
@@ -207,7 +207,7 @@ class LMBatch:
     embeds: torch.Tensor  # (B, L, H)
     attention_mask: torch.Tensor  # (B, L) long, 0 on padding
     position_ids: torch.Tensor  # (B, L) long
-    labels: Optional[torch.Tensor]  # (B, L) long, IGNORE_INDEX except target tokens + EOS
+    labels: torch.Tensor | None  # (B, L) long, IGNORE_INDEX except target tokens + EOS
 
 
 def leading_special_ids(tokenizer) -> list[int]:
@@ -248,7 +248,7 @@ class VisualLLM(nn.Module):
 
     ``max_target_tokens``: longer targets are cut (EOS kept) to bound memory."""
 
-    def __init__(self, llm, tokenizer, projector: nn.Module, prompt: str, max_target_tokens: Optional[int] = None):
+    def __init__(self, llm, tokenizer, projector: nn.Module, prompt: str, max_target_tokens: int | None = None):
         super().__init__()
         self.llm = llm
         self.projector = projector
@@ -276,7 +276,7 @@ class VisualLLM(nn.Module):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
         return self.llm.get_input_embeddings()(ids)
 
-    def build_batch(self, features: torch.Tensor, feat_mask: torch.Tensor, targets: Optional[list[list[int]]]) -> LMBatch:
+    def build_batch(self, features: torch.Tensor, feat_mask: torch.Tensor, targets: list[list[int]] | None) -> LMBatch:
         """Rows as in the class docstring; ``targets`` None gives generation inputs (no target)."""
         device = features.device
         feat_mask = feat_mask.to(device=device, dtype=torch.bool)

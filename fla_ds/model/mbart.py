@@ -15,7 +15,7 @@ next to it, and load that folder for training (``fla-ds trim-mbart``).
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -84,7 +84,8 @@ def trim_mbart_vocab(model, tokenizer, texts: Iterable[str], keep_tokens: Sequen
 
 
 def cut_vocab_rows(model, index: torch.Tensor) -> None:
-    tables = [model.get_input_embeddings().weight, model.model.encoder.embed_tokens.weight, model.model.decoder.embed_tokens.weight, model.get_output_embeddings().weight]
+    tables = [model.get_input_embeddings().weight, model.model.encoder.embed_tokens.weight,
+              model.model.decoder.embed_tokens.weight, model.get_output_embeddings().weight]
     seen = set()
     for param in tables:
         if id(param) not in seen:  # tied tables are one Parameter: cut it once
@@ -127,9 +128,9 @@ class VisualMBart(VisualSeq2Seq):
         projector: nn.Module,
         tokenizer,
         vocab: IdMap | None = None,
-        tgt_lang: Optional[str] = None,
+        tgt_lang: str | None = None,
         label_smoothing: float = 0.2,
-        max_target_tokens: Optional[int] = None,
+        max_target_tokens: int | None = None,
     ):
         start = None
         if tgt_lang:

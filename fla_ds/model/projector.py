@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -28,7 +27,7 @@ class Projector(nn.Module):
     Accepts features in any float dtype: they are cast to the weights' dtype first, because
     a feature cache written in float32 meets a projector cast to bf16 for DeepSpeed."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: Optional[int] = None):
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None):
         super().__init__()
         self.in_dim, self.out_dim, self.hidden = in_dim, out_dim, hidden or out_dim
         self.fc1 = nn.Linear(in_dim, self.hidden)
@@ -43,7 +42,7 @@ class Projector(nn.Module):
     def config(self) -> dict:
         return {"in_dim": self.in_dim, "out_dim": self.out_dim, "hidden": self.hidden}
 
-    def save(self, folder: str | os.PathLike, state_dict: Optional[dict] = None) -> Path:
+    def save(self, folder: str | os.PathLike, state_dict: dict | None = None) -> Path:
         """Write ``projector.safetensors`` + ``projector.json`` into ``folder``. Under ZeRO-3
         pass the gathered ``state_dict`` (this module's own parameters are partitioned)."""
         from safetensors.torch import save_file
@@ -56,7 +55,7 @@ class Projector(nn.Module):
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> "Projector":
+    def load(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Projector:
         """The projector saved in ``folder`` (a trained artifact: the caller verified the
         folder's manifest). Raises ArtifactError naming the file: ``projector.json`` not
         {in_dim, out_dim, hidden} as sizes, ``projector.safetensors`` not intact safetensors

@@ -8,8 +8,8 @@ torchvision loads as it is.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample: Optional[nn.Sequential] = None
+        self.downsample: nn.Sequential | None = None
         if stride != 1 or in_planes != planes:
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes)
@@ -48,7 +48,7 @@ class ResNet18(nn.Module):
     ImageNet classifier ``fc``: an encoder that uses only the pooled 512-d features must not
     carry parameters that never get a gradient (DDP and ZeRO complain about those)."""
 
-    def __init__(self, num_classes: Optional[int] = 1000):
+    def __init__(self, num_classes: int | None = 1000):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -88,7 +87,7 @@ class VisualEncoder(nn.Module):
     recompute the CNN stages in the backward pass (activation memory of ~frames x 224^2
     ResNet-18 dominates stage 1)."""
 
-    def __init__(self, out_dim: int = 1024, kernel_size: int = 5, pretrained: Optional[str] = None):
+    def __init__(self, out_dim: int = 1024, kernel_size: int = 5, pretrained: str | None = None):
         super().__init__()
         self.cnn = ResNet18(num_classes=None)
         self.temporal = TemporalBlock(FEATURE_DIM, out_dim, kernel_size)

@@ -19,11 +19,11 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterator, Optional
 
 from fla_ds.atomic import atomic_write_json, atomic_write_text, folder_lock, sha256_file, tmp_name
 from fla_ds.config import save_resolved
@@ -33,7 +33,6 @@ from fla_ds.shards.index import read_index
 from fla_ds.shards.plan import BUILDER_VERSION, BuildError, Plan, PlannedSample, cut_video, make_plan, reject_record
 from fla_ds.video import Cut, encode_cuts
 
-
 # ------------------------------------------------------------------------------ encoding
 
 
@@ -41,7 +40,7 @@ def part_path(out: Path, split: str, index: int) -> Path:
     return out / ".parts" / f"{split}-{index:06d}.json"
 
 
-def shard_is_done(out: Path, plan: Plan, index: int) -> Optional[dict]:
+def shard_is_done(out: Path, plan: Plan, index: int) -> dict | None:
     """The shard's record when the shard was completed by this same plan, else None."""
     record_path = part_path(out, plan.split, index)
     if not record_path.is_file():
@@ -240,7 +239,7 @@ def _reason_kind(reason: str) -> str:
     return reason.split(" (")[0]
 
 
-def remove_leftovers(out: Path, split: str, shards: Optional[range]) -> int:
+def remove_leftovers(out: Path, split: str, shards: range | None) -> int:
     """Delete temporary files of killed writers: the tars of ``shards`` (all of the split's
     when None; never those of a concurrent job array task's range) and their records."""
     removed = 0
@@ -252,7 +251,7 @@ def remove_leftovers(out: Path, split: str, shards: Optional[range]) -> int:
     return removed
 
 
-def _reject_line(line: str) -> Optional[dict]:
+def _reject_line(line: str) -> dict | None:
     """One record of rejects.jsonl; a damaged line (a disk that filled up) is dropped: the
     file is rewritten from the builds' records."""
     try:
@@ -262,7 +261,7 @@ def _reject_line(line: str) -> Optional[dict]:
     return record if isinstance(record, dict) else None
 
 
-def write_index(out: Path, split: str, entry: Optional[dict], rejects: list[dict]) -> None:
+def write_index(out: Path, split: str, entry: dict | None, rejects: list[dict]) -> None:
     """Record one split in ``index.json`` (``entry`` None removes it: a failed build) and its
     rejects in ``rejects.jsonl``, beside other splits' entries, under the folder lock."""
     with folder_lock(out):
@@ -295,7 +294,7 @@ class BuildSummary:
     shards_total: int
     shards_built: int
     shards_skipped: int
-    index: Optional[dict]
+    index: dict | None
     seconds: float
     frames_built: int
 
@@ -307,7 +306,8 @@ class BuildSummary:
             ix = self.index
             reasons = _reasons(ix)
             fixes = ", ".join(f"{n} {r}" for r, n in ix["repaired"].items()) or "none"
-            out.append(f"kept {ix['samples']} samples ({ix['frames']} frames, {ix['bytes'] / 1e6:.1f} MB), rejected {ix['rejected']} ({reasons}), repaired {fixes}")
+            out.append(f"kept {ix['samples']} samples ({ix['frames']} frames, {ix['bytes'] / 1e6:.1f} MB), "
+                       f"rejected {ix['rejected']} ({reasons}), repaired {fixes}")
         rate = self.frames_built / self.seconds if self.seconds > 0 else 0.0
         out.append(f"encoded {self.frames_built} frames in {self.seconds:.1f} s ({rate:.0f} frames/s)")
         return out

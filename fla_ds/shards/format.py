@@ -36,7 +36,8 @@ import os
 import re
 import stat
 import tarfile
-from typing import BinaryIO, Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -100,7 +101,8 @@ def member_key(shard: str, name: str) -> tuple[str, str]:
     """(key, suffix) of a member name fla_ds writes. Raises ShardFormatError for anything else."""
     match = _MEMBER_RE.fullmatch(name)
     if not match:
-        raise ShardFormatError(f"{shard}: member {show(name)} is not one fla_ds writes (<key>.json|.frames|.features, key of A-Z a-z 0-9 _ -); refusing the shard")
+        raise ShardFormatError(f"{shard}: member {show(name)} is not one fla_ds writes "
+                               "(<key>.json|.frames|.features, key of A-Z a-z 0-9 _ -); refusing the shard")
     if name.startswith(RESERVED_KEY_PREFIX):
         raise ShardFormatError(f"{shard}: member {show(name)} has a key starting with '{RESERVED_KEY_PREFIX}', reserved by WebDataset; refusing the shard")
     return match.group(1), match.group(2)
@@ -171,7 +173,8 @@ def _check_header_chain(shard: str, fd: int, offset: int) -> None:
         if info.type not in _EXTENSION_TYPES:
             return
         if info.size > MAX_HEADER_EXTENSION:
-            raise ShardFormatError(f"{shard}: the tar header at byte {offset} claims a {info.size}-byte extended header (at most {MAX_HEADER_EXTENSION}); refusing the shard")
+            raise ShardFormatError(f"{shard}: the tar header at byte {offset} claims a {info.size}-byte extended header "
+                                   f"(at most {MAX_HEADER_EXTENSION}); refusing the shard")
         offset += TAR_BLOCK + _blocks(info.size)
     raise ShardFormatError(f"{shard}: more than {MAX_EXTENSION_CHAIN} extended tar headers in a row before byte {offset}; refusing the shard")
 
@@ -185,7 +188,8 @@ def _check_end(shard: str, fd: int, offset: int, size: int) -> None:
             return
         if chunk.count(0) != len(chunk):
             at = offset + next(i for i, b in enumerate(chunk) if b)
-            raise ShardFormatError(f"{shard}: byte {at}, after the end of the tar's members, is not part of the zero end marker (a hidden or damaged member); refusing the shard")
+            raise ShardFormatError(f"{shard}: byte {at}, after the end of the tar's members, is not part of the zero end marker "
+                                   "(a hidden or damaged member); refusing the shard")
         offset += len(chunk)
 
 
@@ -215,7 +219,8 @@ def _members(shard: str, f: BinaryIO) -> Iterator[tuple[str, str, tarfile.TarInf
             raise ShardFormatError(f"{shard}: member {show(name)} is {kind}, not a regular file; refusing the shard")
         key, suffix = member_key(shard, name)
         if suffix == "json" and member.size > MAX_JSON_BYTES:
-            raise ShardFormatError(f"{shard}: member {show(name)} claims {member.size} bytes, more than the {MAX_JSON_BYTES} a .json member may hold; refusing the shard")
+            raise ShardFormatError(f"{shard}: member {show(name)} claims {member.size} bytes, "
+                                   f"more than the {MAX_JSON_BYTES} a .json member may hold; refusing the shard")
         if member.offset_data + member.size > size:
             raise ShardFormatError(f"{shard}: member {show(name)} claims {member.size} bytes, past the end of the {size}-byte shard")
         end = member.offset_data + _blocks(member.size)
@@ -233,8 +238,8 @@ def _read(shard: str, tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     return data
 
 
-def iter_raw_samples(shard: str, positions: Optional[Iterable[int]] = None, payload: str = "frames",
-                     samples: Optional[int] = None, read_payload: bool = True) -> Iterator[dict]:
+def iter_raw_samples(shard: str, positions: Iterable[int] | None = None, payload: str = "frames",
+                     samples: int | None = None, read_payload: bool = True) -> Iterator[dict]:
     """Yield {"__key__", "__pos__", "json": bytes, <payload>: bytes} per sample, in tar order.
 
     ``positions`` selects samples by their index in the shard; members of other samples are
@@ -348,7 +353,7 @@ def parse_sample(shard: str, raw: dict) -> tuple[dict, FramePack]:
     return meta, pack
 
 
-def read_frame(pack: FramePack, i: int, meta: dict, where: str, box: Optional[tuple[int, int, int, int]] = None) -> np.ndarray:
+def read_frame(pack: FramePack, i: int, meta: dict, where: str, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Frame ``i`` of a pack as RGB uint8 (H, W, 3), cropped to ``box`` if given. The JPEG's
     header is read first and its size checked against the json's width x height, so a forged
     header (65535 x 65535) is refused, never decoded. ``where`` names the clip in errors

@@ -36,8 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from fla_ds.corpus.base import canonical_split
-from fla_ds.shards.format import (FEATURE_DTYPE, MAX_FEATURE_DIM, MIN_SAMPLE_BYTES, TAR_BLOCK, ShardFormatError, file_kind, one_line,
-                                  show)
+from fla_ds.shards.format import FEATURE_DTYPE, MAX_FEATURE_DIM, MIN_SAMPLE_BYTES, TAR_BLOCK, ShardFormatError, file_kind, one_line, show
 
 MAX_INDEX_BYTES = 64 << 20
 MAX_DEPTH = 32  # the layout needs 5; anything deeper is not an index

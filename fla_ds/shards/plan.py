@@ -11,12 +11,12 @@ import json
 import os
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Optional
 
-from fla_ds.corpus import open_corpus
 from fla_ds.atomic import sha256_file
+from fla_ds.corpus import open_corpus
 from fla_ds.corpus.base import CorpusSample, VideoFile, canonical_split, clean_text, safe_key
 
 BUILDER_VERSION = 2
@@ -106,7 +106,7 @@ def check_samples(samples: Iterator[CorpusSample], split: str) -> tuple[list[Pla
     return kept, rejects, repaired
 
 
-def cut_video(sample: CorpusSample) -> Optional[str]:
+def cut_video(sample: CorpusSample) -> str | None:
     """The video file a sample is a time cut of, or None (frame folders, whole videos)."""
     frames = sample.frames
     if isinstance(frames, VideoFile) and (frames.start is not None or frames.end is not None):
@@ -134,7 +134,7 @@ def group_cuts(samples: list[PlannedSample]) -> list[list[PlannedSample]]:
     return groups
 
 
-def seeded_order(groups: list, seed: Optional[int]) -> list:
+def seeded_order(groups: list, seed: int | None) -> list:
     """Mix the corpus so that one shard holds many signers and days (corpora list samples
     sorted by date or signer); the order depends on the seed alone."""
     if seed is None:

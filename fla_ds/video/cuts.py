@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -19,8 +19,8 @@ from fla_ds.video.source import EPS_S, SEEK_AFTER_S, SEEK_GAP_S, TRUNCATION_MARG
 class Cut:
     """A time cut of a video in seconds from the stream's start; ``None`` means open."""
 
-    start: Optional[float] = None
-    end: Optional[float] = None
+    start: float | None = None
+    end: float | None = None
 
     @property
     def begin(self) -> float:
@@ -44,14 +44,14 @@ class CutEvent:
     adjusted."""
 
     index: int
-    frame: Optional[np.ndarray] = None
+    frame: np.ndarray | None = None
     restart: bool = False
     done: bool = False
-    error: Optional[SampleError] = None
+    error: SampleError | None = None
     repaired: Counter = field(default_factory=Counter)
 
 
-def read_cuts(path: str | os.PathLike, cuts: Sequence[Cut], short_side: int, stats: Optional[ReadStats] = None,
+def read_cuts(path: str | os.PathLike, cuts: Sequence[Cut], short_side: int, stats: ReadStats | None = None,
               seek: bool = True) -> Iterator[CutEvent]:
     """Read several cuts of one video in one pass (cuts may overlap; they are visited in
     start order). Yields each cut's frames in order, then its ``done`` event; every cut gets
@@ -76,10 +76,10 @@ class CutPass:
         self.counts: Counter = Counter()  # frames yielded per cut
         self.pending = sorted(range(len(cuts)), key=lambda i: (cuts[i].begin, i))
         self.active: list[int] = []
-        self.frames: Optional[Iterator] = None
-        self.sought_for: Optional[int] = None  # the cut the current pass was started for
-        self.position: Optional[float] = None  # end of the last frame seen
-        self.video_end: Optional[float] = None
+        self.frames: Iterator | None = None
+        self.sought_for: int | None = None  # the cut the current pass was started for
+        self.position: float | None = None  # end of the last frame seen
+        self.video_end: float | None = None
 
     def events(self) -> Iterator[CutEvent]:
         try:
@@ -191,7 +191,7 @@ class CutPass:
 
 
 def encode_cuts(path: str | os.PathLike, cuts: Sequence[Cut], short_side: int, quality: int, max_frames: int = 0,
-                stats: Optional[ReadStats] = None) -> Iterator[tuple[int, EncodedClip | SampleError]]:
+                stats: ReadStats | None = None) -> Iterator[tuple[int, EncodedClip | SampleError]]:
     """Each cut of one video, read in one pass, as (cut index, its EncodedClip or the reason
     it is rejected), in the order the cuts end (a function of the file and the cuts alone).
     Frames are JPEG-encoded as they are decoded (fla_ds.frames.ClipEncoder)."""

@@ -3,9 +3,9 @@ sample aspect ratio, and the one swscale call that resizes a frame to its stored
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -22,7 +22,7 @@ class Orientation:
     flip_v: bool = False
 
     @classmethod
-    def from_display_matrix(cls, matrix: Sequence[int]) -> "Orientation":
+    def from_display_matrix(cls, matrix: Sequence[int]) -> Orientation:
         """From FFmpeg's display matrix [a b u; c d v; x y w] (AV_PKT_DATA_DISPLAYMATRIX,
         16.16 fixed point), which maps a stored pixel (p, q) (column, row; rows grow
         downwards) to the displayed position (a*p + c*q, b*p + d*q) plus a translation
@@ -77,7 +77,7 @@ class Geometry:
     orientation: Orientation
 
     @classmethod
-    def of(cls, frame, sample_aspect_ratio: Optional[Fraction], short_side: int) -> "Geometry":
+    def of(cls, frame, sample_aspect_ratio: Fraction | None, short_side: int) -> Geometry:
         orientation = frame_orientation(frame)
         sar = sample_aspect_ratio if sample_aspect_ratio and sample_aspect_ratio > 0 else Fraction(1)
         square_width = max(1, round(frame.width * sar))  # square pixels, stored orientation

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 
@@ -114,7 +114,7 @@ class PtsGuess:
         self.faulty_pts = self.faulty_dts = 0
         self.last_pts = self.last_dts = None
 
-    def __call__(self, pts: Optional[int], dts: Optional[int]) -> Optional[int]:
+    def __call__(self, pts: int | None, dts: int | None) -> int | None:
         if dts is not None:
             self.faulty_dts += self.last_dts is not None and dts <= self.last_dts
             self.last_dts = dts
@@ -132,7 +132,7 @@ class VideoSource:
 
     Raises SampleError on open: missing file, not a video, no video stream."""
 
-    def __init__(self, path: str | os.PathLike, short_side: int, stats: Optional[ReadStats] = None, seek: bool = True):
+    def __init__(self, path: str | os.PathLike, short_side: int, stats: ReadStats | None = None, seek: bool = True):
         self.path = Path(path)
         if not self.path.is_file():
             raise SampleError("missing video file")
@@ -148,8 +148,8 @@ class VideoSource:
         self.missing_from, keyframes = self._scan_index()
         if keyframes == 1:
             self.seek = False  # one keyframe in the whole index: every seek lands on frame 0
-        self.geometry: Optional[Geometry] = None
-        self.first_size: Optional[tuple[int, int]] = None
+        self.geometry: Geometry | None = None
+        self.first_size: tuple[int, int] | None = None
         self.keyframe_interval = 0.0  # the longest seen between decoded keyframes
         self.moved = False  # whether anything was decoded or sought since opening
         self.sought = False  # whether the current pass began with a seek
@@ -180,7 +180,7 @@ class VideoSource:
     def close(self) -> None:
         self.container.close()
 
-    def __enter__(self) -> "VideoSource":
+    def __enter__(self) -> VideoSource:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -193,7 +193,7 @@ class VideoSource:
             self.start_pts = pts
         return float((pts - self.start_pts) * self.time_base)
 
-    def _scan_index(self) -> tuple[Optional[float], int]:
+    def _scan_index(self) -> tuple[float | None, int]:
         """(the time from which the file lacks the bytes its own index points to, or None;
         the number of keyframes the index lists, 0 without an index). A truncated MP4 keeps
         its full index in front."""
