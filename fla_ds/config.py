@@ -241,6 +241,9 @@ class TrainConfig:
     """Checkpoint every N steps (0: at the end of every epoch)."""
     keep_last: int = 3
     """Checkpoints kept besides the best."""
+    best_metric: str = "bleu4"
+    """The dev score (eval section) that picks RUN/best, higher is better: bleu1..bleu4,
+    bleu_13a or rouge_l (fla_ds/evaluate/metrics.py: SCORES)."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in out; none; or a step folder."""
     verify_checkpoints: bool = True
@@ -300,8 +303,6 @@ class EvalConfig:
     beam_size: int = 5
     max_new_tokens: int = 0
     """Tokens generated at most (0: the model's max_target_tokens)."""
-    best_metric: str = "bleu4"
-    """The score that picks RUN/best (higher is better): bleu1..bleu4, bleu_13a or rouge_l."""
     level: Level = Level.word
     """word, or char (CSL-Daily: scored per character)."""
     phoenix_period: bool = False
@@ -425,7 +426,7 @@ def registered_names() -> dict[str, tuple[str, ...]]:
     from fla_ds.loggers import LOGGERS
 
     return {"corpus.name": tuple(READERS), "stage2.backend": tuple(BACKENDS), "train.loggers": tuple(LOGGERS),
-            "eval.best_metric": SCORES}
+            "train.best_metric": SCORES}
 
 
 def check_names(cfg) -> None:

@@ -237,7 +237,7 @@ class Trainer:
             self.engine.train()
 
     def after_epoch(self, trained_epoch: int) -> str:
-        """Evaluate on dev, save, keep the best by ``eval.best_metric``, prune old checkpoints.
+        """Evaluate on dev, save, keep the best by ``train.best_metric``, prune old checkpoints.
         ``trained_epoch``: the epoch the weights finished (what the eval line reports). Returns
         'preempted' when a stop signal cut the evaluation short (saved, with eval_due)."""
         from fla_ds.evaluate.run import EvaluationInterrupted
@@ -251,7 +251,7 @@ class Trainer:
             return "preempted"
         self.progress.eval_due = False
         self.log_evaluation(metrics, trained_epoch)
-        metric = self.cfg.eval.best_metric
+        metric = self.cfg.train.best_metric
         score = metrics.get(metric)
         step_dir = self.save(metrics)
         if score is not None and (self.progress.best is None or score > self.progress.best):

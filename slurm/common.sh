@@ -89,11 +89,13 @@ EOF
 }
 
 fla_ds_was_preempted() {
-    # fla_ds_was_preempted RUN [LINES]: the run's last record says it stopped on a signal,
-    # after saving (there is more to do), and was written after the log's first LINES lines
-    # (by this job's step, not an earlier one).
+    # fla_ds_was_preempted RUN [LINES]: the run's last record (the closing summary, or the
+    # preempted event of a run killed before its summary) says it stopped on a signal after
+    # saving (there is more to do), and was written after the log's first LINES lines (by this
+    # job's step, not an earlier one).
     local log="$1/metrics.jsonl"
-    [ -f "$log" ] && [ "$(wc -l < "$log")" -gt "${2:-0}" ] && tail -n 1 "$log" | grep -Eq '"event": *"preempted"'
+    [ -f "$log" ] && [ "$(wc -l < "$log")" -gt "${2:-0}" ] \
+        && tail -n 1 "$log" | grep -Eq '"event": *"preempted"|"event": *"summary", *"outcome": *"preempted"'
 }
 
 fla_ds_log_lines() {

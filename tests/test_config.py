@@ -90,7 +90,7 @@ def test_overrides_may_stand_between_flags(tmp_path):
     ("stage2.backend=mbrat", "'mbrat' is not one of decoder_only, mbart"),
     ("corpus.name=phoenix", "'phoenix' is not one of"),
     ("train.loggers=[jsonl,wandbb]", "'wandbb' is not one of"),
-    ("eval.best_metric=bleu5", "(did you mean 'bleu4'?)"),
+    ("train.best_metric=bleu5", "(did you mean 'bleu4'?)"),
 ])
 def test_closed_sets_are_refused_at_parse_time_in_one_line(override, message):
     with pytest.raises(ConfigError) as err:

@@ -106,6 +106,17 @@ def test_a_run_counts_as_preempted_only_when_its_last_record_says_so(tmp_path):
     assert bash(f'fla_ds_was_preempted "{tmp_path}" && echo yes || echo no').strip() == "yes"
     log.write_text(log.read_text() + '{"time": 3, "step": 5, "loss": 1.0}\n')
     assert bash(f'fla_ds_was_preempted "{tmp_path}" && echo yes || echo no').strip() == "no"
+    # The trainer closes every launch with a summary, written by the JSONL sink itself.
+    from fla_ds.loggers import RunLog
+
+    for outcome, want in [("preempted", "yes"), ("finished", "no")]:
+        log.unlink()
+        run_log = RunLog(tmp_path, 0, ["jsonl"], total_steps=10)
+        run_log.event("preempted", step=4, signal="SIGUSR1")
+        run_log.event("summary", outcome=outcome, step=4, total_steps=10, epoch=0, seconds=1.0, samples_per_s=2.0,
+                      run_dir=str(tmp_path), latest="step-4", best={})
+        run_log.close()
+        assert bash(f'fla_ds_was_preempted "{tmp_path}" && echo yes || echo no').strip() == want, log.read_text()
 
 
 # ------------------------------------------------------------------ on the cluster

@@ -36,7 +36,8 @@ def test_every_shipped_deepspeed_json_fills_its_auto_values():
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_ranks_train_and_the_loss_falls(assets, tmp_path, zero):
     out = tmp_path / "run"
-    proc = run(train_cmd(assets, out, 2, f"train.ds_config=ds_configs/{zero}.json", "train.epochs=4", "train.max_steps=24"))
+    proc = run(train_cmd(assets, out, 2, f"train.ds_config=ds_configs/{zero}.json", "train.epochs=4", "train.max_steps=24",
+                    "train.best_metric=rouge_l"))
     curve = losses(out)
     steps = sorted(curve)
     assert steps[-1] == 24
@@ -64,7 +65,11 @@ def test_two_ranks_train_and_the_loss_falls(assets, tmp_path, zero):
     rows = (out / "eval" / "step-24" / "hypotheses.tsv").read_text().splitlines()[1:]
     first_id, first_hyp, first_ref = rows[0].split("\t")
     assert f"  {first_id}\n    reference:  {first_ref}\n    hypothesis: {first_hyp}" in out_lines
+    # RUN/best is the first checkpoint with the highest dev score named by train.best_metric.
     best = json.loads((out / "best").read_text())
+    evals = {int(d.name.split("-")[1]): json.loads((d / "metrics.json").read_text())["rouge_l"] for d in (out / "eval").glob("step-*")}
+    top = max(evals.values())
+    assert best == {"step": f"step-{min(s for s, v in evals.items() if v == top)}", "metric": "dev rouge_l", "value": top}
     assert re.search(rf"^summary: finished at step 24 of 24 .* samples/s\n  best: {best['step']} by {best['metric']} ", out_lines, re.M), out_lines[-1500:]
     assert f"  checkpoints: {out} (latest step-24)" in out_lines
 

@@ -27,7 +27,7 @@ from sacrebleu.metrics import BLEU
 
 LEVELS = ("word", "char")
 SCORES = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "bleu_13a")
-"""The figures ``score`` returns (higher is better); ``eval.best_metric`` names one of them."""
+"""The figures ``score`` returns (higher is better); ``train.best_metric`` names one of them."""
 ROUGE_BETA = 1.2
 
 
