@@ -355,6 +355,31 @@ def load_checkpoint(engine, step_dir: Path, universal: Path | None = None) -> di
     return json.loads((step_dir / "trainer.json").read_text("utf-8"))
 
 
+def describe_choice(path: str | Path, step_dir: Path) -> str:
+    """One line saying which checkpoint a run folder ``path`` resolved to (``resolve_step_dir``)
+    and why: its best by the metric that chose it, with how many evaluations share that score
+    (several all-zero evaluations early in training make "best" the first of them), or its
+    latest when none was evaluated. Empty when ``path`` named the step folder itself."""
+    run, chosen = Path(path), Path(step_dir).name
+    if Path(path).resolve() == Path(step_dir).resolve():
+        return ""
+    best = read_best(run) or {}
+    if best.get("step") != chosen:
+        return f"{path}: a run folder; using its latest checkpoint {chosen} (none was chosen as best by an evaluation)"
+    metric, value = str(best.get("metric", "")), best.get("value")
+    key = metric.split()[-1] if metric else ""
+    ties = []
+    for metrics_file in sorted(run.glob("eval/step-*/metrics.json")):
+        try:
+            if json.loads(metrics_file.read_text("utf-8")).get(key) == value:
+                ties.append(metrics_file.parent.name)
+        except (OSError, ValueError):
+            continue
+    shared = f"; {len(ties)} evaluations share this score, the earliest is kept" if len(ties) > 1 else ""
+    shown = f"{value:.2f}" if isinstance(value, (int, float)) else str(value)
+    return f"{path}: a run folder; using its best checkpoint {chosen} ({metric} {shown}{shared})"
+
+
 def resolve_step_dir(path: str | Path) -> Path:
     """A complete step folder, or a run folder's best checkpoint (else its latest)."""
     p = Path(path)

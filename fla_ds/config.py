@@ -62,6 +62,10 @@ class CorpusConfig:
     """How2Sign: folder of pre-cut <SENTENCE_NAME>.mp4 clips, relative to root."""
     how2sign_raw_videos: str = ""
     """How2Sign: folder of raw <VIDEO_NAME>.mp4 videos to cut by the re-aligned times."""
+    language: str = ""
+    """ISO 639-1 code of the texts (e.g. de, en, zh, fr); empty: the corpus's own (phoenix14t de,
+    csl-daily zh, how2sign en, synthetic de). Recorded in the shard index: stage 2's default
+    prompt follows it. An own (manifest) corpus should name it."""
 
 
 @dataclass
@@ -276,8 +280,9 @@ class Stage2Config:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: str = "all-linear"
-    prompt: str = "Übersetze das Gebärdensprachvideo ins Deutsche:"
-    """decoder_only: text after the visual tokens (in the corpus's language)."""
+    prompt: str = ""
+    """decoder_only: text after the visual tokens; empty: the default prompt in the language
+    the training shards record (fla_ds/stage2.py: PROMPTS; de, en, zh)."""
     projector_hidden: int = 0
     """Hidden size of the projector MLP (0: the language model's)."""
     projector_lr: float = 1e-3
@@ -375,6 +380,35 @@ def resolve_config_path(name_or_path: str) -> Path:
         return shipped
     choices = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
     raise ConfigError(f"config '{name_or_path}' is neither a file nor a shipped config ({choices})")
+
+
+def explicit_keys(config_file: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> set[str]:
+    """The dotted keys a user set: every leaf of the config file and every override's key (a
+    whole section given at once, ``augment={...}``, counts for all keys under it: see
+    ``is_explicit``). What stage 2 checks against what it inherits from stage 1."""
+    def leaves(node: Any, prefix: str = "") -> set[str]:
+        if not isinstance(node, dict):
+            return {prefix.rstrip(".")}
+        return set().union(*(leaves(value, f"{prefix}{name}.") for name, value in node.items()))
+
+    from_file = leaves(OmegaConf.to_container(OmegaConf.load(resolve_config_path(config_file)))) if config_file else set()
+    return (from_file - {""}) | {parse_override(text)[0] for text in overrides}
+
+
+def is_explicit(key: str, explicit: set[str]) -> bool:
+    """``key`` or a section above it is in ``explicit`` (``explicit_keys``)."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in explicit for i in range(1, len(parts) + 1))
+
+
+def refuse_contradictions(section: str, ours, theirs, explicit: set[str], source: str) -> None:
+    """Raise ConfigError when a key of ``section`` the user set (``explicit``) differs from the
+    value the model was trained with (``theirs``, read from ``source``): settings a model
+    carries are inherited, never silently replaced."""
+    for key, value in theirs.items():
+        if is_explicit(f"{section}.{key}", explicit) and ours[key] != value:
+            raise ConfigError(f"{section}.{key}={ours[key]} contradicts {section}.{key}={value} that the model was trained with "
+                              f"({source}); drop it: the model's own value is used")
 
 
 def parse_override(text: str) -> tuple[str, str]:

@@ -87,9 +87,10 @@ def final_scores(run_dir: str, beam: int, shards: str) -> tuple[dict, Path]:
 
 
 def show_examples(best: Path, count: int = 4) -> None:
-    for row in (best / "eval-dev" / "hypotheses.tsv").read_text("utf-8").splitlines()[1 : count + 1]:
-        sample_id, hyp, ref = row.split("\t")
-        print(f"      {sample_id}\n        reference:  {ref}\n        hypothesis: {hyp}")
+    from fla_ds.hypotheses import read_tsv
+
+    for row in read_tsv(best / "eval-dev" / "hypotheses.tsv")[:count]:
+        print(f"      {row['id']}\n        reference:  {row['reference']}\n        hypothesis: {row['hypothesis']}")
 
 
 def run_demo(cfg) -> int:

@@ -250,7 +250,8 @@ def extract_features(step_dir, shards, out, split: str = "train", views: int = 1
         raise FeatureError(f"views and samples_per_shard must be >= 1, got {views} and {samples_per_shard}")
     check_out_folder(out, shards)
     encoder, stage1_cfg = load_encoder(step_dir)
-    checkpoint, source_fp = checkpoint_record(step_dir), load_index(shards, split)["plan_fingerprint"]
+    video_entry = load_index(shards, split)
+    checkpoint, source_fp = checkpoint_record(step_dir), video_entry["plan_fingerprint"]
     settings = {"augment": Augment(stage1_cfg.augment).fingerprint()}  # what the encoder's inputs were
     run = run_fingerprint(source_fp, checkpoint, split, views, seed, world, samples_per_shard, settings)
     (out / ".parts").mkdir(parents=True, exist_ok=True)
@@ -270,7 +271,8 @@ def extract_features(step_dir, shards, out, split: str = "train", views: int = 1
     barrier()
     entry = None
     if rank == 0:
-        meta = {"split": split, "views": views, "dim": encoder.out_dim, "dtype": FEATURE_DTYPE, "seed": seed, "world_size": world,
+        meta = {"split": split, "language": video_entry.get("language", ""),  # stage 2's default prompt follows it
+                "views": views, "dim": encoder.out_dim, "dtype": FEATURE_DTYPE, "seed": seed, "world_size": world,
                 "settings": settings, "checkpoint": checkpoint, "source": {"shards": str(shards.resolve()), "plan_fingerprint": source_fp}}
         entry = split_entry(gather_records(out, split, world, run), run, meta)
         update_index(out, split, entry)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from fla_ds.augment import Augment
 from fla_ds.backends import get_backend, language_model_path, lm_hidden_size
 from fla_ds.batch import Batch, prepare_features
-from fla_ds.checkpoint import resolve_step_dir
+from fla_ds.checkpoint import describe_choice, resolve_step_dir
 from fla_ds.config import load_config, save_resolved
 from fla_ds.distributed import device, gathered
 from fla_ds.model import VisualEncoder, load_frozen_encoder
@@ -32,6 +32,69 @@ from fla_ds.stream import Source
 from fla_ds.translator import Stage2Translator
 
 log = logging.getLogger("fla_ds")
+
+PROMPTS = {
+    "de": "Übersetze das Gebärdensprachvideo ins Deutsche.",
+    "en": "Translate the sign language video into English.",
+    "zh": "将手语视频翻译成中文。",
+}
+"""decoder_only's default text prompt per language of the training shards (``stage2.prompt``
+empty). FLa-LLM gives no prompt text; these say the task in the target language."""
+
+INHERITED_SECTIONS = ("augment",)
+"""What stage 2 takes from its stage-1 encoder's config: how a clip becomes the encoder's input."""
+
+
+def inherit_stage1(cfg, explicit: set[str]) -> list[str]:
+    """Stage 2's config completed from what it builds on, in place, before anything else reads
+    it (every rank does the same): the ``augment`` section becomes the stage-1 encoder's own
+    (crop size, frame sampling, normalisation: read on the fly, in ``features extract`` and in
+    ``translate`` alike), and an empty ``stage2.prompt`` becomes ``PROMPTS`` of the language the
+    training shards record. ``explicit``: the keys the user set (``config.explicit_keys``); one
+    that contradicts the encoder is refused. Returns what was decided, one line each. Raises
+    LaunchError (one line); a missing encoder is left to the launch checks to report."""
+
+    from fla_ds.config import ConfigError, refuse_contradictions
+    from fla_ds.preflight import LaunchError
+
+    if not cfg.stage2.encoder:
+        return []
+    try:
+        encoder_dir = resolve_step_dir(cfg.stage2.encoder)
+        encoder_cfg = load_config(str(encoder_dir / "config.yaml"))
+    except (FileNotFoundError, ConfigError) as exc:
+        raise LaunchError(f"stage2.encoder: {exc}") from None
+    for section in INHERITED_SECTIONS:
+        try:
+            refuse_contradictions(section, cfg[section], encoder_cfg[section], explicit, f"the stage-1 encoder, {encoder_dir / 'config.yaml'}")
+        except ConfigError as exc:
+            raise LaunchError(str(exc)) from None
+        for key, value in encoder_cfg[section].items():  # key by key: the schema keeps its types
+            cfg[section][key] = value
+    notes = [note for note in [describe_choice(cfg.stage2.encoder, encoder_dir)] if note]
+    notes.append(f"input: the encoder's augment section ({encoder_dir}): crop {encoder_cfg.augment.crop_size}, "
+             f"keep {encoder_cfg.augment.keep_ratio:g} of the frames")
+    if not cfg.stage2.prompt:
+        language = training_language(cfg)
+        if language.split("-")[0] not in PROMPTS:
+            raise LaunchError(f"stage2.prompt: the training shards record {f'language {language!r}' if language else 'no language'}, "
+                              f"which has no default prompt (known: {', '.join(PROMPTS)}): set stage2.prompt, or corpus.language when building")
+        cfg.stage2.prompt = PROMPTS[language.split("-")[0]]
+        notes.append(f"prompt: {cfg.stage2.prompt!r} (the shards' language: {language})")
+    return notes
+
+
+def training_language(cfg) -> str:
+    """The language the training shards (the feature cache, else the video shards) record; ""
+    when they record none. Raises LaunchError for an unreadable index."""
+    from fla_ds.preflight import LaunchError
+    from fla_ds.shards.index import IndexFormatError, load_index
+
+    folder = cfg.stage2.features or cfg.stream.shards
+    try:
+        return load_index(folder, "train").get("language", "")
+    except IndexFormatError as exc:
+        raise LaunchError(str(exc)) from None
 
 
 class Stage2:

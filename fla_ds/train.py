@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 
-from fla_ds.config import ConfigError, load_config
+from fla_ds.config import ConfigError, explicit_keys, load_config
 
 LAUNCH_ERROR, SAVE_ERROR, PEER_ERROR = 2, 3, 4
 
@@ -92,19 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     try:
         cfg = load_config(args.config, args.overrides)
+        explicit = explicit_keys(args.config, args.overrides)
     except ConfigError as exc:  # before any process group exists: nothing to clean up
         error(rank, str(exc))
         return LAUNCH_ERROR
     from fla_ds.artifacts import ArtifactError
     from fla_ds.checkpoint import ResumeError, SaveError, enforce_weights_only
     from fla_ds.preflight import LaunchError
+    from fla_ds.stage2 import inherit_stage1
 
     enforce_weights_only()  # nothing a checkpoint holds is ever unpickled
     try:
+        notes = inherit_stage1(cfg, explicit) if args.stage == 2 else []
         rank, _ = preflight(args, cfg)
     except LaunchError as exc:
         error(rank, str(exc))
         return LAUNCH_ERROR
+    if rank == 0:
+        for note in notes:  # what stage 2 took from stage 1 and its shards, said once
+            print(f"stage 2: {note}", flush=True)
     if args.check:
         return 0
     from fla_ds.distributed import init_distributed, shutdown

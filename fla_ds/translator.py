@@ -8,7 +8,7 @@ class decodes during training (the stage builds it around the live engine's modu
 folder or bundle: ``fla-ds evaluate``, ``translate``, the demo). It depends on models and
 artifacts only, never on the training stages.
 
-Both are callables ``(batch) -> list[str]`` with ``cfg`` (the model's config: evaluation
+Both are callables ``(batch) -> list[str]`` (whitespace-normalised: ``normalize_whitespace``) with ``cfg`` (the model's config: evaluation
 settings), ``augment`` (the loader's per-clip settings) and ``encoder_cfg`` (the config of the
 stage-1 model whose encoder reads the video: how clips are preprocessed).
 """
@@ -25,6 +25,13 @@ from fla_ds.distributed import device
 
 BUNDLE_FILE = "bundle.json"
 """What marks an inference bundle (``fla-ds export``) and describes it."""
+
+
+def normalize_whitespace(text: str) -> str:
+    """One hypothesis as it is written and scored: every run of whitespace (newlines, tabs,
+    U+00A0, U+3000 ...: ``str.split``'s set) becomes one space, none at either end. A language
+    model's output may hold newlines; a SentencePiece decode may start with a space."""
+    return " ".join(text.split())
 
 
 def inference_dtype() -> torch.dtype:
@@ -74,7 +81,7 @@ class Stage1Translator:
         dtype = next(self.model.parameters()).dtype  # a ZeRO-3 partitioned parameter keeps its dtype
         video = self.augment.model_input(batch.video.to(dev, non_blocking=True), batch.affine, dtype=dtype)
         ids = self.model.generate(video, batch.video_mask.to(dev), beam_size=self.beam, max_len=self.max_decode)
-        return [self.vocab.decode(row) for row in ids]
+        return [normalize_whitespace(self.vocab.decode(row)) for row in ids]
 
 
 class Stage2Translator:
@@ -116,7 +123,8 @@ class Stage2Translator:
     @torch.no_grad()
     def __call__(self, batch: Batch) -> list[str]:
         feats, mask = prepare_features(batch, self.encoder, self.augment, self.dtype, device())
-        return self.model.generate(feats, mask, max_new_tokens=self.max_new_tokens, num_beams=self.beam, synced_gpus=self.synced_gpus)
+        texts = self.model.generate(feats, mask, max_new_tokens=self.max_new_tokens, num_beams=self.beam, synced_gpus=self.synced_gpus)
+        return [normalize_whitespace(t) for t in texts]
 
 
 def read_bundle_info(folder: Path) -> dict:

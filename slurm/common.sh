@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Helpers shared by slurm/stage1.sh, stage2.sh and shards.sh (sourced, not run).
+# Helpers shared by slurm/stage1.sh, stage2.sh, features.sh, evaluate.sh and shards.sh (sourced, not run).
 #
 # Environment they read (all optional):
 #   FLA_DS_PYTHON      the python that has fla_ds installed (default: the repository's .venv,
@@ -157,6 +157,54 @@ fla_ds_run_step() {
     return "$rc"
 }
 
+# ---------------------------------------------------------------- launching
+
+fla_ds_placement() {
+    # Sets and exports FLA_DS_NPROC (processes per node), FLA_DS_MASTER_ADDR and _PORT.
+    FLA_DS_NPROC=$(fla_ds_gpus_per_node)
+    FLA_DS_MASTER_ADDR=$(fla_ds_master_addr)
+    FLA_DS_MASTER_PORT=$(fla_ds_master_port)
+    export FLA_DS_NPROC FLA_DS_MASTER_ADDR FLA_DS_MASTER_PORT
+}
+
+fla_ds_srun_torchrun() {
+    # fla_ds_srun_torchrun SCRIPT_OR_-m_MODULE [ARGS...]: one Slurm task per node, each a
+    # torchrun that starts the node's FLA_DS_NPROC ranks (fla_ds_placement first). srun needs
+    # --ntasks/--ntasks-per-node here (the batch's --ntasks-per-node is not enough when the job
+    # asked for more), and --cpus-per-task explicitly (Slurm 22.05 steps no longer inherit it);
+    # --kill-on-bad-exit: a node that fails stops the others instead of leaving them waiting in
+    # a collective. bash -c so that SLURM_NODEID is read on each node, not in this script; the
+    # node launcher ignores SIGUSR1 (a stop request is for the ranks, see below). Only ever run as
+    # `fla_ds_run_step fla_ds_srun_torchrun ...`: in that background subshell it execs srun, so
+    # the step's PID is srun's own and a signal to the job cannot end the subshell before srun.
+    # shellcheck disable=SC2016
+    exec srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+        --kill-on-bad-exit=1 bash -c '
+            trap "" USR1
+            echo "fla_ds: node $SLURM_NODEID of $SLURM_NNODES: $SLURMD_NODENAME ($(hostname)), $FLA_DS_NPROC processes"
+            exec "$FLA_DS_PYTHON" -m torch.distributed.run --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" \
+                --nproc_per_node "$FLA_DS_NPROC" --master_addr "$FLA_DS_MASTER_ADDR" --master_port "$FLA_DS_MASTER_PORT" "$@"' \
+        fla-ds-node "$@"
+}
+
+fla_ds_command() {
+    # fla_ds_command SUBCOMMAND [ARGS...]: `fla-ds SUBCOMMAND ARGS` (features extract, evaluate)
+    # spread over every GPU of the job, one torchrun per node; returns its exit status. Key=value
+    # arguments go after the flags, FLA_DS_OVERRIDES last (as for training).
+    if [ -z "${SLURM_JOB_ID:-}" ]; then echo "fla_ds: not in a Slurm job: submit this script with sbatch" >&2; exit 2; fi
+    local overrides=()
+    # shellcheck disable=SC2206  # word splitting is the documented contract of FLA_DS_OVERRIDES
+    if [ -n "${FLA_DS_OVERRIDES:-}" ]; then overrides=($FLA_DS_OVERRIDES); fi
+    fla_ds_overrides_last "$@" "${overrides[@]}"
+    fla_ds_placement
+    echo "fla_ds: fla-ds ${FLA_DS_ARGS[*]:0:2}, $SLURM_NNODES nodes x $FLA_DS_NPROC processes, master $FLA_DS_MASTER_ADDR:$FLA_DS_MASTER_PORT"
+    local rc
+    fla_ds_run_step fla_ds_srun_torchrun -m fla_ds "${FLA_DS_ARGS[@]}"
+    rc=$?
+    echo "fla_ds: fla-ds ${FLA_DS_ARGS[*]:0:2} ended with exit code $rc at $(date '+%F %T')"
+    return "$rc"
+}
+
 # ---------------------------------------------------------------- training
 
 fla_ds_train() {
@@ -169,28 +217,12 @@ fla_ds_train() {
     trap 'fla_ds_on_signal USR1' USR1
     trap 'fla_ds_on_signal TERM' TERM
     fla_ds_train_args "$@"
-    FLA_DS_NPROC=$(fla_ds_gpus_per_node)
+    fla_ds_placement
     run_dir=$(fla_ds_check_config $((SLURM_NNODES * FLA_DS_NPROC)) --stage "$stage" "${FLA_DS_ARGS[@]}") || exit 2
-    FLA_DS_MASTER_ADDR=$(fla_ds_master_addr)
-    FLA_DS_MASTER_PORT=$(fla_ds_master_port)
-    export FLA_DS_NPROC FLA_DS_MASTER_ADDR FLA_DS_MASTER_PORT
     local lines_before
     lines_before=$(fla_ds_log_lines "$run_dir")
     echo "fla_ds: stage $stage, $SLURM_NNODES nodes x $FLA_DS_NPROC processes, master $FLA_DS_MASTER_ADDR:$FLA_DS_MASTER_PORT, run $run_dir"
-
-    # One task per node, each a torchrun that starts the node's ranks. srun needs
-    # --ntasks/--ntasks-per-node here (the batch's --ntasks-per-node is not enough when the job
-    # asked for more), and --cpus-per-task explicitly (Slurm 22.05 steps no longer inherit it);
-    # --kill-on-bad-exit: a node that fails stops the others instead of leaving them waiting in
-    # a collective. bash -c so that SLURM_NODEID is read on each node, not in this script.
-    # shellcheck disable=SC2016
-    fla_ds_run_step srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-        --kill-on-bad-exit=1 bash -c '
-            trap "" USR1
-            echo "fla_ds: node $SLURM_NODEID of $SLURM_NNODES: $SLURMD_NODENAME ($(hostname)), $FLA_DS_NPROC processes"
-            exec "$FLA_DS_PYTHON" -m torch.distributed.run --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" \
-                --nproc_per_node "$FLA_DS_NPROC" --master_addr "$FLA_DS_MASTER_ADDR" --master_port "$FLA_DS_MASTER_PORT" "$@"' \
-        fla-ds-node "$FLA_DS_ROOT/fla_ds/train.py" --stage "$stage" "${FLA_DS_ARGS[@]}"
+    fla_ds_run_step fla_ds_srun_torchrun "$FLA_DS_ROOT/fla_ds/train.py" --stage "$stage" "${FLA_DS_ARGS[@]}"
     rc=$?
     echo "fla_ds: training step ended with exit code $rc at $(date '+%F %T')"
     if [ -z "$FLA_DS_GOT_USR1" ] && fla_ds_was_preempted "$run_dir" "$lines_before"; then

@@ -2,9 +2,11 @@
 # Stage 1 (visual encoder + Light-T) on a Slurm cluster: one torchrun per node, one rank per GPU.
 #
 #   sbatch slurm/stage1.sh --config my_stage1.yaml stream.shards=/shared/shards/p14t train.out=/shared/runs/p14t-s1
-#   FLA_DS_CONFIG=my_stage1.yaml FLA_DS_OVERRIDES="train.lr=1e-2" sbatch --nodes=4 --partition=gpu slurm/stage1.sh
+#   FLA_DS_CONFIG=phoenix14t_stage1 sbatch --partition=gpu slurm/stage1.sh stream.shards=/shared/shards/p14t
 #
 # Every #SBATCH line below is a default that the same flag on the sbatch command line replaces.
+# The default layout is the paper's (global batch 8 on 2 GPUs: fla_ds/configs/*_stage1.yaml,
+# micro batch 4); on more GPUs raise train.global_batch (and with SGD train.lr) to match.
 # The log goes to <job name>-<job id>.out in the folder sbatch was called from (always exists:
 # Slurm fails a job silently when the --output folder is missing; for logs/ run `mkdir -p logs`
 # first and add `-o logs/%x-%j.out`). Relative paths in the arguments are relative to that folder.
@@ -12,10 +14,10 @@
 # a checkpoint at their next step and the job requeues itself; the requeued job resumes from it.
 # See docs/cluster.md.
 #SBATCH --job-name=fla-stage1
-#SBATCH --nodes=2
+#SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
-#SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=32
+#SBATCH --gpus-per-node=2
+#SBATCH --cpus-per-task=16
 #SBATCH --time=24:00:00
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300

@@ -6,6 +6,8 @@
 #   FLA_DS_CONFIG=my_stage2.yaml FLA_DS_OVERRIDES="train.lr=2e-4" sbatch --nodes=4 --partition=gpu slurm/stage2.sh
 #
 # Every #SBATCH line below is a default that the same flag on the sbatch command line replaces.
+# The default layout, 2 nodes x 8 GPUs, fits every shipped stage-2 config (fla_ds/configs:
+# *_llama7b_qlora global batch 256 = 16 x micro batch 16; *_mbart the paper's batch 16 = 16 x 1).
 # The log goes to <job name>-<job id>.out in the folder sbatch was called from (always exists:
 # Slurm fails a job silently when the --output folder is missing; for logs/ run `mkdir -p logs`
 # first and add `-o logs/%x-%j.out`). Relative paths in the arguments are relative to that folder.

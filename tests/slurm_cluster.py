@@ -9,7 +9,7 @@ children of slurmd, see the copy. Two fake GPUs per node (``/dev/null`` links) l
 ``--gpus-per-node`` be accounted as on a GPU cluster; no GPU is behind them.
 
 Every wait is bounded; ``stop`` cancels the jobs by id, waits for them, then stops each daemon
-by the PID it was started with. See /work/shared/notes/slurm-local.md for the traps met.
+by the PID it was started with. docs/cluster.md lists the traps met on the way.
 """
 from __future__ import annotations
 

@@ -21,8 +21,14 @@ from fla_ds.checkpoint import check_complete
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM = ROOT / "slurm"
-SMALL = ["--gpus-per-node=1", "--cpus-per-task=1", "--time=10"]
-"""This cluster's nodes have 4 CPUs and 2 fake GPUs; the scripts' defaults ask for 32 and 8."""
+SMALL = ["--nodes=2", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10"]
+"""This cluster's nodes have 4 CPUs and 2 fake GPUs; the scripts' defaults ask for up to 32 and 8."""
+TRAINS = {"stage1.sh": ("*_stage1.yaml",), "stage2.sh": ("*_llama7b_qlora.yaml", "*_mbart.yaml")}
+"""The shipped configs each training script runs."""
+
+
+def shipped(script: str) -> list[Path]:
+    return sorted(c for pattern in TRAINS[script] for c in (ROOT / "fla_ds" / "configs").glob(pattern))
 
 
 def job_env(cluster: SlurmCluster, **extra: str) -> dict:
@@ -98,6 +104,38 @@ def test_the_config_and_the_batch_split_are_checked_before_launch(assets, tmp_pa
         proc = subprocess.run(["bash", "-c", f'source "{SLURM}/common.sh"; fla_ds_check_config {ranks} --stage 1 {inputs} {override}'],
                               capture_output=True, text=True, timeout=60, env=dict(os.environ, FLA_DS_PYTHON=sys.executable, FLA_DS_ROOT=str(ROOT)))
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def sbatch_defaults(script: Path) -> dict[str, str]:
+    return dict(re.findall(r"^#SBATCH --([a-z-]+)=(\S+)", script.read_text(), re.M))
+
+
+@pytest.mark.parametrize("script, config", [(s, c.stem) for s in TRAINS for c in shipped(s)])
+def test_every_shipped_config_fits_its_scripts_default_layout(script, config):
+    """The batch split train.py checks before a launch, at the ranks the script's #SBATCH
+    defaults give (nodes x GPUs per node), for each script x config pair."""
+    from fla_ds.config import load_config
+    from fla_ds.preflight import check_deepspeed
+
+    defaults = sbatch_defaults(SLURM / script)
+    ranks = int(defaults["nodes"]) * int(defaults["gpus-per-node"])
+    fact = check_deepspeed(load_config(config), ranks)
+    assert f"{ranks} ranks x micro batch" in fact
+
+
+def test_the_training_scripts_map_covers_every_shipped_config():
+    covered = {c.stem for s in TRAINS for c in shipped(s)}
+    assert covered | {"demo"} == {c.stem for c in (ROOT / "fla_ds" / "configs").glob("*.yaml")}
+    assert len(covered) == 9
+
+
+def test_shipped_stage2_configs_name_local_model_folders():
+    """Compute nodes are offline: a hub id would fail after the GPUs are allocated."""
+    from fla_ds.config import load_config
+
+    for path in shipped("stage2.sh"):
+        model = load_config(path.stem).stage2.model
+        assert model.startswith("models/"), (path.name, model)
 
 
 def test_a_run_counts_as_preempted_only_when_its_last_record_says_so(tmp_path):
@@ -250,6 +288,57 @@ def test_shard_array_builds_what_one_machine_builds(slurm_cluster, tmp_path):
     assert sorted(p.name for p in (tmp_path / "array").glob("train-*.tar")) == expected
     for name in [*expected, "index.json", "rejects.jsonl"]:
         assert (tmp_path / "array" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
+def test_features_and_evaluation_jobs_on_two_nodes_equal_one_process(slurm_cluster, stage1_job, assets, tmp_path):
+    """slurm/features.sh and slurm/evaluate.sh spread `fla-ds features extract` / `evaluate`
+    over the job's nodes: the same clips and features (within float tolerance) and the same
+    hypotheses and scores as one process on this machine."""
+    import numpy as np
+
+    from fla_ds.hypotheses import read_tsv
+    from fla_ds.shards import iter_raw_samples, load_index
+    from fla_ds.shards.format import parse_feature_sample
+
+    assert stage1_job["record"]["JobState"] == "COMPLETED"
+    run, env = stage1_job["run"], job_env(slurm_cluster)
+    common = ["--checkpoint", str(run), "--shards", str(assets["shards"])]
+    local = subprocess.run([sys.executable, "-m", "fla_ds", "features", "extract", *common, "--out", str(tmp_path / "local"), "--split", "dev",
+                            "--workers", "0"], env=env, capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    job = slurm_cluster.sbatch([*SMALL, str(SLURM / "features.sh"), *common, "--out", str(tmp_path / "nodes"), "--split", "dev", "--workers", "0"],
+                               cwd=tmp_path, env=env)
+    log = tmp_path / f"fla-features-{job}.out"
+    record = slurm_cluster.wait_done(job, timeout=300)
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", explain(slurm_cluster, log)
+    assert "node 0 of 2: n1 " in log.read_text() and "node 1 of 2: n2 " in log.read_text()
+
+    def features(folder: Path) -> dict:
+        out = {}
+        for shard in load_index(folder, "dev")["shards"]:
+            for raw in iter_raw_samples(str(folder / shard["name"]), payload="features"):
+                meta, values = parse_feature_sample(str(folder / shard["name"]), raw)
+                out[meta["id"]] = values
+        return out
+
+    one, two = features(tmp_path / "local"), features(tmp_path / "nodes")
+    assert load_index(tmp_path / "nodes", "dev")["world_size"] == 2 and sorted(two) == sorted(one) and len(one) == 8
+    for key, values in one.items():
+        assert np.allclose(two[key], values, rtol=0, atol=1e-3 * np.abs(values).max()), key
+
+    local = subprocess.run([sys.executable, "-m", "fla_ds", "evaluate", *common, "--split", "dev", "--beam", "2", "--out", str(tmp_path / "eval-local")],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    job = slurm_cluster.sbatch([*SMALL, str(SLURM / "evaluate.sh"), *common, "--split", "dev", "--beam", "2", "--out", str(tmp_path / "eval-nodes")],
+                               cwd=tmp_path, env=env)
+    log = tmp_path / f"fla-evaluate-{job}.out"
+    record = slurm_cluster.wait_done(job, timeout=300)
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", explain(slurm_cluster, log)
+    assert "a run folder; using its" in log.read_text()  # which checkpoint the run folder meant, said once
+    assert log.read_text().count("a run folder; using its") == 1
+    assert read_tsv(tmp_path / "eval-nodes" / "hypotheses.tsv") == read_tsv(tmp_path / "eval-local" / "hypotheses.tsv")
+    scores = [json.loads((tmp_path / f"eval-{where}" / "metrics.json").read_text()) for where in ("local", "nodes")]
+    assert scores[0] == scores[1] and scores[0]["n"] == 8
 
 
 def test_stage2_trains_across_two_nodes(slurm_cluster, stage1_job, assets, tmp_path):

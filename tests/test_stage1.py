@@ -13,6 +13,7 @@ from helpers import ROOT, TRAIN, env, losses, run, synthetic_shards, train_cmd, 
 from safetensors.torch import load_file
 
 from fla_ds.checkpoint import check_complete, step_dirs
+from fla_ds.hypotheses import read_tsv
 from fla_ds.trainer import fill_ds_config, load_ds_config
 
 
@@ -91,11 +92,34 @@ def test_evaluate_command_scores_a_checkpoint(assets, tmp_path):
     run(train_cmd(assets, out, 1, "train.epochs=1", "train.max_steps=2", "eval.limit=2"))
     proc = run([sys.executable, "-m", "fla_ds", "evaluate", "--checkpoint", str(out), "--shards", str(assets["shards"]), "--split", "dev", "--beam", "1"])
     assert "bleu4" in proc.stdout and "signjoey" in proc.stdout
+    assert f"fla-ds: {out}: a run folder; using its best checkpoint step-2 (dev bleu4 " in proc.stderr, proc.stderr[-2000:]
+    # The clips are read as the model was trained: an override saying otherwise is refused.
+    refused = subprocess.run([sys.executable, "-m", "fla_ds", "evaluate", "--checkpoint", str(out / "step-2"), "--shards", str(assets["shards"]),
+                              "--split", "dev", "augment.crop_size=99"], env=env(), capture_output=True, text=True, timeout=400)
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr[-2000:]
+    assert "augment.crop_size=99 contradicts augment.crop_size=" in refused.stderr
     metrics = json.loads((out / "step-2" / "eval-dev" / "metrics.json").read_text())
     assert metrics["n"] == 8
-    # A split that kept no sample (as older builds wrote it) is an error, not nan scores.
+    evaluated = {r["id"]: r["hypothesis"] for r in read_tsv(out / "step-2" / "eval-dev" / "hypotheses.tsv")}
+    # translate: the same hypotheses for the same clips, one record per clip in either format,
+    # whatever the file names hold (a TAB, a newline, a backslash), whitespace-normalised.
     import shutil
 
+    videos = assets["shards"].parent / "synth" / "videos"
+    odd = tmp_path / "a\tb\nc\\d"
+    odd.mkdir()
+    inputs = [str(videos / "synth-dev-000001.mp4"), str(Path(shutil.copy(videos / "synth-dev-000002.mp4", odd / "clip 2.mp4")))]
+    tsv = run([sys.executable, "-m", "fla_ds", "translate", "--model", str(out / "step-2"), "--beam", "1", "--header", *inputs]).stdout
+    (tmp_path / "out.tsv").write_text(tsv)
+    rows = read_tsv(tmp_path / "out.tsv")
+    assert [r["input"] for r in rows] == inputs and len(tsv.splitlines()) == 3
+    jsonl = run([sys.executable, "-m", "fla_ds", "translate", "--model", str(out / "step-2"), "--beam", "1", "--format", "jsonl", *inputs]).stdout
+    records = [json.loads(line) for line in jsonl.splitlines()]
+    assert [r["input"] for r in records] == inputs
+    for hypotheses in ([r["hypothesis"] for r in rows], [r["hypothesis"] for r in records]):
+        assert hypotheses == [evaluated["synth-dev-000001"], evaluated["synth-dev-000002"]]
+    assert all(h == " ".join(h.split()) for h in evaluated.values()), evaluated
+    # A split that kept no sample (as older builds wrote it) is an error, not nan scores.
     empty = Path(shutil.copytree(assets["shards"], tmp_path / "empty"))
     index = json.loads((empty / "index.json").read_text())
     index["splits"]["dev"].update(shards=[], samples=0, frames=0, bytes=0)

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})?")
+"""An ISO 639 language code, optionally with a region or script (de, zh, pt-BR, zh-Hans)."""
+
 
 @dataclass(frozen=True)
 class FrameFolder:
@@ -50,6 +53,10 @@ class CorpusSample:
 
 class CorpusReader(Protocol):
     name: str
+    language: str
+    """ISO 639-1 code of the texts' language (de, zh, en), or "" when the layout does not say
+    (a manifest: ``corpus.language`` names it). Recorded in the shard index; stage 2's default
+    prompt follows it."""
 
     def samples(self) -> Iterator[CorpusSample]:
         """The samples of the configured split, in the corpus's own order."""

@@ -102,6 +102,7 @@ def find_frames_root(root: Path) -> Path:
 
 class CSLDailyReader:
     name = "csl-daily"
+    language = "zh"  # spoken-language side: Chinese
 
     def __init__(self, root: str, split: str):
         self.split = canonical_split(split)

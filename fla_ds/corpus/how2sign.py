@@ -46,6 +46,7 @@ def find_annotation(root: Path, split: str) -> Path:
 
 class How2SignReader:
     name = "how2sign"
+    language = "en"
 
     def __init__(self, root: str, split: str, clips: str = "clips", raw_videos: str = ""):
         self.split = canonical_split(split)

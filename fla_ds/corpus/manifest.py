@@ -97,6 +97,7 @@ def present(row: dict, key: str) -> bool:
 
 class ManifestReader:
     name = "manifest"
+    language = ""  # an own corpus names its language in corpus.language
 
     def __init__(self, root: str, split: str):
         self.split = canonical_split(split)
@@ -188,3 +189,4 @@ class SyntheticReader(ManifestReader):
     recorded in the shard index differs."""
 
     name = "synthetic"
+    language = "de"  # PHOENIX-2014T's sentences

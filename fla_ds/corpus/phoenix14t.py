@@ -37,6 +37,7 @@ def find_inner_folder(root: Path) -> Path:
 
 class Phoenix14TReader:
     name = "phoenix14t"
+    language = "de"
 
     def __init__(self, root: str, split: str):
         self.split = canonical_split(split)

@@ -3,7 +3,8 @@
 Decoding is spread over all ranks (the loader's evaluation mode gives every rank the same
 number of batches and every sample to exactly one rank; padding repeats are marked invalid),
 results are gathered to every rank so that no rank waits alone in a collective, and rank 0
-scores and writes ``hypotheses.tsv`` (id, hypothesis, reference) beside ``metrics.json``.
+scores and writes ``hypotheses.tsv`` (id, hypothesis, reference; escaped TSV, fla_ds/hypotheses.py)
+beside ``metrics.json``.
 Used by training (dev after each epoch), by ``fla-ds evaluate`` and by stage 2.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from omegaconf import OmegaConf
 from fla_ds.atomic import atomic_write_json, atomic_write_text
 from fla_ds.batch import Batch
 from fla_ds.evaluate.metrics import score
+from fla_ds.hypotheses import format_records
 from fla_ds.stream import ShardStream
 
 
@@ -52,8 +54,8 @@ EXAMPLES = 3  # translations shown beside their references after each evaluation
 
 
 def write_results(out_dir: Path, rows: list[tuple[str, str, str]], metrics: dict) -> None:
-    lines = ["id\thypothesis\treference"] + ["\t".join(col.replace("\t", " ").replace("\n", " ") for col in row) for row in rows]
-    atomic_write_text(out_dir / "hypotheses.tsv", "\n".join(lines) + "\n")
+    lines = format_records(("id", "hypothesis", "reference"), rows, "tsv")
+    atomic_write_text(out_dir / "hypotheses.tsv", "".join(line + "\n" for line in lines))
     atomic_write_json(out_dir / "metrics.json", metrics)
 
 

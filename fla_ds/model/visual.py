@@ -96,8 +96,6 @@ class VisualEncoder(nn.Module):
         if pretrained:
             ignored = load_torchvision_checkpoint(self.cnn, pretrained)
             log.info("visual encoder: ImageNet ResNet-18 weights loaded from %s (ignored: %s)", pretrained, ", ".join(ignored) or "nothing")
-        else:
-            log.info("visual encoder: ResNet-18 randomly initialised (no pretrained checkpoint given)")
 
     @classmethod
     def from_config(cls, cfg, pretrained: bool = False) -> VisualEncoder:
@@ -106,6 +104,8 @@ class VisualEncoder(nn.Module):
         the weights are about to be replaced by a checkpoint's, and that file need not exist
         (nor be read) where the checkpoint is loaded."""
         v = cfg.visual
+        if pretrained and not v.pretrained:  # said only where it is true: stage 1 starting from scratch
+            log.info("visual encoder: ResNet-18 randomly initialised (no visual.pretrained checkpoint given)")
         return cls(out_dim=v.out_dim, kernel_size=v.temporal_kernel, pretrained=(v.pretrained or None) if pretrained else None)
 
     def frame_features(self, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -140,5 +140,6 @@ def load_frozen_encoder(step_dir: str | os.PathLike, dtype: torch.dtype) -> tupl
     encoder = VisualEncoder.from_config(enc_cfg)
     weights = step_dir / "encoder.safetensors"
     load_state(encoder, load_safetensors(weights), weights)
+    log.info("visual encoder: the trained stage-1 encoder from %s (frozen)", weights)
     encoder.requires_grad_(False)
     return encoder.eval().to(device=device(), dtype=dtype), enc_cfg

@@ -219,6 +219,7 @@ def split_index(plan: Plan, records: list[dict]) -> dict:
         repaired.update(rec["repaired"])
     return {
         "corpus": plan.corpus,
+        "language": plan.language,
         "split": plan.split,
         "builder_version": BUILDER_VERSION,
         "settings": plan.settings,

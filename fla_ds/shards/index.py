@@ -12,7 +12,8 @@ The rules, each a one-line ``IndexFormatError`` naming the file and the field:
 - top level: ``splits`` an object whose keys are train, dev or test; ``format`` (if given)
   "fla_ds.shards"; ``kind`` (if given) video or features;
 - a split: ``kind`` video or features; ``views`` 1 for video, 1..``MAX_VIEWS`` for features;
-  ``plan_fingerprint`` a lowercase hex string; ``samples``, ``frames`` and ``bytes`` equal the
+  ``plan_fingerprint`` a lowercase hex string; ``language`` (if given and not empty) a language
+  code (``fla_ds.corpus.base.LANGUAGE_CODE``); ``samples``, ``frames`` and ``bytes`` equal the
   sums over its shards; features also ``dim`` in 1..65536, ``dtype`` float16, ``clips`` =
   samples / views and every view laid out alike (same shard count, same samples per shard);
   at least one sample (a split every sample of which was rejected is refused: nothing to
@@ -35,7 +36,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from fla_ds.corpus.base import canonical_split
+from fla_ds.corpus.base import LANGUAGE_CODE, canonical_split
 from fla_ds.shards.format import FEATURE_DTYPE, MAX_FEATURE_DIM, MIN_SAMPLE_BYTES, TAR_BLOCK, ShardFormatError, file_kind, one_line, show
 
 MAX_INDEX_BYTES = 64 << 20
@@ -233,6 +234,8 @@ def split_entry(folder: str | os.PathLike, index: dict, split: str) -> dict:
         f.fail("kind", f"is '{kind}', the index's kind is '{index['kind']}'")
     views = f.int("views", 1, MAX_VIEWS if kind == "features" else 1, default=1)
     f.str("plan_fingerprint", _HEX, "a lowercase hex string (16 to 128 digits)")
+    if f.str("language", default=""):
+        f.str("language", LANGUAGE_CODE, "a language code such as de, en, zh or pt-BR")
     dim = 0
     if kind == "features":
         dim = f.int("dim", 1, MAX_FEATURE_DIM)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fla_ds.atomic import sha256_file
 from fla_ds.corpus import open_corpus
-from fla_ds.corpus.base import CorpusSample, VideoFile, canonical_split, clean_text, safe_key
+from fla_ds.corpus.base import LANGUAGE_CODE, CorpusSample, VideoFile, canonical_split, clean_text, safe_key
 
 BUILDER_VERSION = 2
 # Settings that change the bytes of a shard; anything else (workers, paths) must not.
@@ -47,6 +47,8 @@ class Plan:
     sources: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     fingerprint: str = ""
+    language: str = ""
+    """The texts' language (ISO 639-1; "" unknown): corpus.language, else the reader's."""
 
     def shard_name(self, index: int) -> str:
         return f"{self.split}-{index:06d}.tar"
@@ -201,9 +203,18 @@ def make_plan(cfg) -> Plan:
     settings = {k: cfg.shards[k] for k in BYTE_SETTINGS}
     root = Path(cfg.corpus.root)
     sources = {_relative(p, root): sha256_file(p) for p in reader.source_files()}
-    plan = Plan(cfg.corpus.name, split, shards, rejects, repaired, sources, settings)
+    plan = Plan(cfg.corpus.name, split, shards, rejects, repaired, sources, settings, language=corpus_language(cfg.corpus, reader))
     plan.fingerprint = plan_fingerprint(plan.corpus, split, settings, shards, root)
     return plan
+
+
+def corpus_language(corpus_cfg, reader) -> str:
+    """``corpus.language`` when given, else the reader's own; raises BuildError for a value
+    that is not a language code (2-3 lowercase letters, optionally a region: pt-BR)."""
+    language = str(corpus_cfg.language).strip() or getattr(reader, "language", "")
+    if language and not LANGUAGE_CODE.fullmatch(language):
+        raise BuildError(f"corpus.language: '{language}' is not an ISO 639 language code such as de, en, zh or pt-BR")
+    return language
 
 
 def _relative(path: Path, root: Path) -> str:
