@@ -9,6 +9,7 @@
     fla-ds features extract / evaluate / export / translate / report ...
     fla-ds bench data|ingest|stage2 [key=value ...]
     fla-ds demo [--out DIR] [key=value ...]
+    fla-ds report RUN [--out FILE] [--shards DIR] [--clips N]
     fla-ds --version
 
 Subcommands that read the config take ``--config FILE_OR_NAME`` and ``key=value`` overrides of
@@ -18,11 +19,12 @@ error and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fla_ds.config import ConfigError, load_config
+from fla_ds.config import ConfigError, explicit_keys, load_config, refuse_contradictions
 
 USAGE_ERROR = 2
 
@@ -120,6 +122,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.overrides:
         load_config(None, args.overrides)  # refuses unknown keys and wrong types
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(args.overrides)))
+        # clips are read as the model's encoder was trained: an override saying otherwise is refused
+        refuse_contradictions("augment", cfg.augment, translator.augment.settings, explicit_keys(None, args.overrides), f"{step_dir}")
     placement = init_distributed()
     try:
         out = Path(args.out) if args.out else step_dir / f"eval-{args.split}"
@@ -136,12 +140,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def resolve_checkpoint(path: str) -> Path:
-    from fla_ds.checkpoint import resolve_step_dir
+    """A step folder, or a run folder's best checkpoint (the choice said on stderr, with the
+    score that made it: stdout may be data)."""
+    from fla_ds.checkpoint import describe_choice, resolve_step_dir
 
     try:
-        return resolve_step_dir(path)
+        step_dir = resolve_step_dir(path)
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
+    note = describe_choice(path, step_dir)
+    if note and os.environ.get("RANK", "0") == "0":  # once under torchrun
+        print(f"fla-ds: {note}", file=sys.stderr)
+    return step_dir
 
 
 def cmd_features(args: argparse.Namespace) -> int:
@@ -173,13 +183,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_translate(args: argparse.Namespace) -> int:
     """Translate clips with a bundle or step folder, verified as it loads (fla_ds/artifacts.py)."""
+    from fla_ds.hypotheses import format_records
     from fla_ds.inference import translate_paths
 
     missing = [p for p in args.inputs if not Path(p).exists()]
     if missing:
         raise UsageError(f"no such video file or frame folder: {missing[0]}")
-    for path, text in zip(args.inputs, translate_paths(args.model, args.inputs, beam_size=args.beam)):
-        print(f"{path}\t{text}")
+    texts = translate_paths(resolve_checkpoint(args.model), args.inputs, beam_size=args.beam)
+    for line in format_records(("input", "hypothesis"), zip(args.inputs, texts), args.format, header=args.header):
+        print(line)
     return 0
 
 
@@ -188,6 +200,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config or "demo", _overrides(args, {"out": "demo.out"}))
     return run_demo(cfg)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """One self-contained HTML page about a run (fla_ds/report/); a folder that is not a run,
+    or a damaged file in it, is one line naming the file."""
+    from fla_ds.report import write_report
+
+    if args.clips < 0:
+        raise UsageError(f"--clips must be 0 or more, not {args.clips}")
+    print(write_report(args.run, out=args.out, shards=args.shards, clips=args.clips))
+    return 0
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -295,8 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("translate", help="translate video files or frame folders")
-    p.add_argument("--model", required=True, help="a bundle, or a stage-1/stage-2 step folder")
-    p.add_argument("--beam", type=int, default=0)
+    p.add_argument("--model", required=True, help="a bundle, a stage-1/stage-2 step folder, or a run folder (its best)")
+    p.add_argument("--beam", type=int, default=0, help="beam size (default: the model's eval.beam_size)")
+    p.add_argument("--format", choices=["tsv", "jsonl"], default="tsv",
+                   help="tsv: input<TAB>hypothesis, with \\ TAB LF CR escaped as \\\\ \\t \\n \\r; jsonl: one JSON object per line")
+    p.add_argument("--header", action="store_true", help="tsv: a first line naming the columns")
     p.add_argument("inputs", nargs="+")
     p.set_defaults(func=cmd_translate)
 
@@ -309,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
     _common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="one self-contained HTML page about a training run: curves, scores, dev clips")
+    p.add_argument("run", help="the run folder (train.out)")
+    p.add_argument("--out", help="the HTML file to write (default: RUN/report.html)")
+    p.add_argument("--shards", help="the video shard folder for the clips' frames (default: the one the run's config names)")
+    p.add_argument("--clips", type=int, default=24, help="how many clips get frame strips, half the worst and half the best (default 24)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -319,11 +352,12 @@ def _known_errors() -> tuple[type, ...]:
     from fla_ds.corpus.base import CorpusError
     from fla_ds.frames import SampleError
     from fla_ds.preflight import LaunchError
+    from fla_ds.report.run import ReportError
     from fla_ds.shards.build import BuildError
     from fla_ds.shards.format import ShardFormatError
     from fla_ds.shards.index import IndexFormatError
 
-    return (ConfigError, UsageError, CorpusError, BuildError, ShardFormatError, IndexFormatError, SampleError, ArtifactError, LaunchError)
+    return (ConfigError, UsageError, CorpusError, BuildError, ShardFormatError, IndexFormatError, SampleError, ArtifactError, LaunchError, ReportError)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

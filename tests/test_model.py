@@ -220,8 +220,13 @@ def test_gradient_checkpointing_changes_neither_gradients_nor_statistics():
 
 def test_encoder_logs_where_its_weights_come_from(tmp_path, caplog):
     save_file(torchvision_like_state_dict(), str(tmp_path / "resnet18.safetensors"))
+    from fla_ds.config import load_config
+
+    scratch = load_config(None, ["visual.out_dim=8"])
     with caplog.at_level(logging.INFO, logger="fla_ds"):
-        VisualEncoder(out_dim=8)
+        VisualEncoder.from_config(scratch, pretrained=False)  # weights about to come from a checkpoint: nothing said
+        assert "randomly initialised" not in caplog.text
+        VisualEncoder.from_config(scratch, pretrained=True)
         enc = VisualEncoder(out_dim=8, pretrained=str(tmp_path / "resnet18.safetensors"))
     assert "randomly initialised" in caplog.text and "ImageNet ResNet-18 weights loaded" in caplog.text
     assert torch.equal(enc.cnn.bn1.running_mean, torchvision_like_state_dict()["bn1.running_mean"])

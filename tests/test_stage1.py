@@ -124,7 +124,7 @@ def test_evaluate_command_scores_a_checkpoint(assets, tmp_path):
     index = json.loads((empty / "index.json").read_text())
     index["splits"]["dev"].update(shards=[], samples=0, frames=0, bytes=0)
     (empty / "index.json").write_text(json.dumps(index))
-    proc = subprocess.run([sys.executable, "-m", "fla_ds", "evaluate", "--checkpoint", str(out), "--shards", str(empty), "--split", "dev"],
+    proc = subprocess.run([sys.executable, "-m", "fla_ds", "evaluate", "--checkpoint", str(out / "step-2"), "--shards", str(empty), "--split", "dev"],
                           env=env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
     assert "split 'dev' has no samples" in proc.stderr
