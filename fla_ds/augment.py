@@ -101,7 +101,7 @@ def to_model_input(video: torch.Tensor, crop_size: int, affine: torch.Tensor | N
 
 class Augment:
     """What turns a stored clip into model input, from an ``augment`` config section
-    (fla_ds/config.py: AugmentConfig): T/4 frame sampling, the crop, the training warp, the
+    (fla_ds/schema.py: AugmentConfig): T/4 frame sampling, the crop, the training warp, the
     resize to ``crop_size`` and ImageNet normalisation. A new augmentation is a field there and
     a step here; the feature cache's fingerprint follows (``fingerprint``).
 

@@ -13,7 +13,7 @@
     fla-ds --version
 
 Subcommands that read the config take ``--config FILE_OR_NAME`` and ``key=value`` overrides of
-the one schema in fla_ds/config.py, before, between or after the flags. Bad input is a one-line
+the one schema (fla_ds/schema.py), before, between or after the flags. Bad input is a one-line
 error and exit code 2.
 """
 from __future__ import annotations
