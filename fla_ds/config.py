@@ -137,6 +137,8 @@ def load_config(config_file: str | None = None, overrides: tuple[str, ...] | lis
         if key not in all_keys():
             raise ConfigError(f"unknown config key '{key}'{_closest(key)}")
         try:
+            if value.strip() == "" and isinstance(OmegaConf.select(cfg, key), str):
+                value = "''"  # `visual.pretrained=` clears a text key (YAML would read it as null)
             # from_dotlist parses the value with omegaconf's safe YAML loader: python tags refused.
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
         except OmegaConfBaseException as exc:

@@ -119,3 +119,10 @@ def test_every_schema_key_is_read_somewhere():
         if field and not re.search(rf"\.{field}\b|[\"']{field}[\"']", source):
             unread.append(key)
     assert unread == []
+
+
+def test_an_empty_override_clears_a_text_key_and_is_refused_for_a_number():
+    cfg = load_config(None, ["visual.pretrained=/x.safetensors", "visual.pretrained="])
+    assert cfg.visual.pretrained == ""
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(None, ["train.epochs="])
