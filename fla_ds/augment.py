@@ -18,11 +18,18 @@ of the frame's short side, so shards built with the default short side 256 give 
 centre crops, and training crops are scaled around them.
 
 Batches stay uint8 and channels-last until the device (4x less to copy between processes).
+With ``stream.decode=gpu`` they do not even hold pixels: the loader ships the kept frames' JPEG
+bytes, ``nvjpeg_decoder`` decodes them on the device (torchvision's batched nvJPEG) and
+``video_from_frames`` cuts the same boxes into the same uint8 batch the CPU loader makes.
+Untested on a GPU until ``fla-ds bench gpu`` runs on one: the CPU tests check everything but
+the nvJPEG call (tests/test_frames_decode.py), and nvJPEG's pixels may differ from
+libjpeg-turbo's by a few levels (its IDCT and chroma upsampling are its own).
 """
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +104,61 @@ def to_model_input(video: torch.Tensor, crop_size: int, affine: torch.Tensor | N
     mean = torch.tensor(IMAGENET_MEAN, device=video.device, dtype=dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=video.device, dtype=dtype).view(1, 3, 1, 1)
     return ((x - mean) / std).reshape(b, t, 3, crop_size, crop_size)
+
+
+def nvjpeg_decoder() -> Callable[[list[torch.Tensor]], list[torch.Tensor]] | None:
+    """torchvision's batched nvJPEG decode on the current CUDA device: (list of uint8 (N,) CPU
+    tensors, one JPEG each) -> list of uint8 (3, H, W) RGB tensors on the device. None where it
+    cannot run: no CUDA device, or torchvision missing or not importable beside this torch (a
+    torchvision built for another torch raises RuntimeError on import, not ImportError)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except Exception:  # any failure to import means: not available
+        return None
+
+    def decode(jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
+        device = torch.device("cuda", torch.cuda.current_device())  # the rank's, set after this was built
+        return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+
+    return decode
+
+
+def device_decoder(mode) -> Callable[[list[torch.Tensor]], list[torch.Tensor]] | None:
+    """``stream.decode`` (auto, cpu, gpu; a string or fla_ds.schema.Decode) -> the decoder the
+    training process runs, or None to decode in the loader workers on the CPU. auto takes
+    ``nvjpeg_decoder`` where it can run; gpu without it raises ValueError."""
+    mode = getattr(mode, "value", mode)
+    if mode not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"stream.decode must be auto, cpu or gpu, not {mode!r}")
+    decoder = nvjpeg_decoder() if mode != "cpu" else None
+    if mode == "gpu" and decoder is None:
+        raise ValueError("stream.decode=gpu needs a CUDA device and torchvision with nvJPEG (torchvision.io.decode_jpeg on cuda); "
+                         "use stream.decode=auto or cpu")
+    return decoder
+
+
+def video_from_frames(frames: Sequence[torch.Tensor], lengths: Sequence[int], boxes: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Decoded whole frames -> the batch the CPU loader makes of them. ``frames``: uint8
+    (3, H, W) RGB, clip after clip, all on one device; ``lengths``: frames per clip (B);
+    ``boxes``: each clip's crop (left, top, right, bottom), all of one side S. Returns uint8
+    (B, max(lengths), S, S, 3) on that device, zeros after each clip's last frame. Raises
+    ValueError when the counts or the box sides disagree."""
+    if len(frames) != sum(lengths) or len(lengths) != len(boxes):
+        raise ValueError(f"{len(frames)} frames for clips of {list(lengths)} frames and {len(boxes)} boxes")
+    sides = {(r - left, b - top) for left, top, r, b in boxes}
+    if len(sides) != 1 or len({*sides.pop()}) != 1:
+        raise ValueError(f"boxes {list(boxes)} are not squares of one side")
+    side = boxes[0][2] - boxes[0][0]
+    video = torch.empty((len(lengths), max(lengths), side, side, 3), dtype=torch.uint8, device=frames[0].device)
+    start = 0
+    for row, n, (left, top, right, bottom) in zip(video, lengths, boxes):
+        clip = torch.stack(list(frames[start : start + n]))[:, :, top:bottom, left:right]
+        row[:n] = clip.permute(0, 2, 3, 1)
+        row[n:] = 0
+        start += n
+    return video
 
 
 class Augment:

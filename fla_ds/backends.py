@@ -152,3 +152,68 @@ def zero3_loading(ds_config: dict | None):
     from transformers.integrations import HfDeepSpeedConfig
 
     return HfDeepSpeedConfig(ds_config)
+
+
+# ------------------------------------------------------------------ a base model inside a bundle
+
+PRETRAINED_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
+"""Besides the safetensors weights (``model.safetensors``, or its index and the shards it
+names), what a Hugging Face model folder needs to load: config, generation config, tokenizer.
+Never ``*.bin``/``*.pt`` (pickles), ``*.py`` (remote code) or anything else the folder holds."""
+
+
+def local_model_folder(name: str) -> Path:
+    """The folder a language model loads from: ``name`` itself, or a hub id's snapshot already
+    in the Hugging Face cache (nothing is downloaded). Raises ArtifactError."""
+    from fla_ds.artifacts import ArtifactError, one_line
+
+    if Path(name).is_dir():
+        return Path(name).resolve()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{name}: the base model is neither a folder nor in the Hugging Face cache ({one_line(exc)})") from None
+
+
+def pretrained_file_names(folder: Path) -> list[str]:
+    """The files of ``folder`` that ``copy_pretrained`` takes (``PRETRAINED_FILES`` present,
+    and the safetensors weights). Raises ArtifactError when it has no safetensors weights."""
+    from fla_ds.artifacts import ArtifactError, read_json
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        shards = list(weight_map.values()) if isinstance(weight_map, dict) else []
+        if not shards or any(not isinstance(n, str) or Path(n).name != n or not n.endswith(".safetensors") for n in shards):
+            raise ArtifactError(f"{index}: its weight_map does not name safetensors files of the folder")
+        weights = [index.name, *sorted(set(shards))]
+    elif (folder / "model.safetensors").is_file():
+        weights = ["model.safetensors"]
+    else:
+        raise ArtifactError(f"{folder}: the base model has no model.safetensors (or its index): a bundle holds safetensors weights only "
+                            "(save the model with save_pretrained(..., safe_serialization=True) and train from that)")
+    return weights + [n for n in PRETRAINED_FILES if (folder / n).is_file()]
+
+
+def copy_pretrained(source: Path, dest: Path) -> list[str]:
+    """Copy the Hugging Face model folder ``source`` into ``dest`` (a new folder), only the files
+    it needs to load (``pretrained_file_names``; links, such as the Hugging Face cache's, are
+    followed and written as plain files), then check the copy as an artifact (safetensors
+    intact, index consistent: ``fla_ds.artifacts.check_hf_folder``). Returns the names copied.
+    Raises ArtifactError."""
+    import shutil
+
+    from fla_ds.artifacts import check_hf_folder
+
+    names = pretrained_file_names(Path(source))
+    dest.mkdir(parents=True)
+    for name in names:
+        shutil.copyfile(Path(source) / name, dest / name)
+    check_hf_folder(dest, "config.json", "model")
+    return names

@@ -358,7 +358,7 @@ def load_checkpoint(engine, step_dir: Path, universal: Path | None = None) -> di
 def describe_choice(path: str | Path, step_dir: Path) -> str:
     """One line saying which checkpoint a run folder ``path`` resolved to (``resolve_step_dir``)
     and why: its best by the metric that chose it, with how many evaluations share that score
-    (several all-zero evaluations early in training make "best" the first of them), or its
+    (a tie moves "best" to the later checkpoint when it is saved), or its
     latest when none was evaluated. Empty when ``path`` named the step folder itself."""
     run, chosen = Path(path), Path(step_dir).name
     if Path(path).resolve() == Path(step_dir).resolve():
@@ -375,7 +375,7 @@ def describe_choice(path: str | Path, step_dir: Path) -> str:
                 ties.append(metrics_file.parent.name)
         except (OSError, ValueError):
             continue
-    shared = f"; {len(ties)} evaluations share this score, the earliest is kept" if len(ties) > 1 else ""
+    shared = f"; {len(ties)} evaluations share this score, the latest saved one is kept" if len(ties) > 1 else ""
     shown = f"{value:.2f}" if isinstance(value, (int, float)) else str(value)
     return f"{path}: a run folder; using its best checkpoint {chosen} ({metric} {shown}{shared})"
 
@@ -390,4 +390,8 @@ def resolve_step_dir(path: str | Path) -> Path:
     for name in names:
         if (p / name / "COMPLETE").is_file():
             return p / name
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or run folder")
+    if (p / "config.yaml").is_file() or (p / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{path}: a run folder with no complete checkpoint yet (the first is written at the end of the first epoch)")
     raise FileNotFoundError(f"{path} is neither a complete step-N checkpoint nor a run folder with one")

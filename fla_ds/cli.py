@@ -7,7 +7,7 @@
     fla-ds train --stage 1|2 [--config ...] [--check] [key=value ...]   (fla_ds/train.py; any launcher:
         torchrun -m fla_ds train ..., deepspeed --module fla_ds train ..., srun fla-ds train ...)
     fla-ds features extract / evaluate / export / translate / report ...
-    fla-ds bench data|ingest|stage2 [key=value ...]
+    fla-ds bench data|ingest|stage2|gpu [key=value ...]
     fla-ds demo [--out DIR] [key=value ...]
     fla-ds report RUN [--out FILE] [--shards DIR] [--clips N]
     fla-ds --version
@@ -58,6 +58,11 @@ def cmd_shards_build(args: argparse.Namespace) -> int:
     summary = build_shards(cfg, progress_bar=not args.quiet)
     for line in summary.lines():
         print(line)
+    from fla_ds.shards.index import load_index
+
+    if not load_index(cfg.shards.out, cfg.corpus.split).get("language"):  # said now, not when stage 2 starts
+        print("fla-ds: note: these shards record no language: stage 2 chooses its prompt by it; "
+              "build with corpus.language=<code> (de, en, zh, ...) or give stage2.prompt", file=sys.stderr)
     return 0
 
 
@@ -78,7 +83,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fla_ds import bench
 
     cfg = load_config(args.config or ("demo" if args.what == "stage2" else None), args.overrides)
-    return bench.run(args.what, cfg)
+    return bench.run(args.what, cfg, args.overrides)
 
 
 def cmd_vocab(args: argparse.Namespace) -> int:
@@ -124,6 +129,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(args.overrides)))
         # clips are read as the model's encoder was trained: an override saying otherwise is refused
         refuse_contradictions("augment", cfg.augment, translator.augment.settings, explicit_keys(None, args.overrides), f"{step_dir}")
+        translator.use_decoding(cfg, beam_size=args.beam)  # eval.beam_size / eval.max_new_tokens overrides
     placement = init_distributed()
     try:
         out = Path(args.out) if args.out else step_dir / f"eval-{args.split}"
@@ -160,6 +166,8 @@ def cmd_features(args: argparse.Namespace) -> int:
     from fla_ds.features import extract_features
 
     step_dir = resolve_checkpoint(args.checkpoint)
+    if (step_dir / "projector").exists() or (step_dir / "bundle.json").exists():
+        raise UsageError(f"{step_dir}: a stage-2 checkpoint; features come from the stage-1 encoder (the run its stage2.encoder names)")
     placement = init_distributed()
     try:
         for split in args.split:
@@ -189,7 +197,9 @@ def cmd_translate(args: argparse.Namespace) -> int:
     missing = [p for p in args.inputs if not Path(p).exists()]
     if missing:
         raise UsageError(f"no such video file or frame folder: {missing[0]}")
-    texts = translate_paths(resolve_checkpoint(args.model), args.inputs, beam_size=args.beam)
+    # a bundle is verified as it loads (its own one-line errors); a run folder is resolved first
+    model = Path(args.model) if (Path(args.model) / "bundle.json").is_file() else resolve_checkpoint(args.model)
+    texts = translate_paths(model, args.inputs, beam_size=args.beam)
     for line in format_records(("input", "hypothesis"), zip(args.inputs, texts), args.format, header=args.header):
         print(line)
     return 0
@@ -327,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_translate)
 
     p = sub.add_parser("bench", help="benchmarks that print figures and ratios against a baseline")
-    p.add_argument("what", choices=["data", "ingest", "stage2"])
+    p.add_argument("what", choices=["data", "ingest", "stage2", "gpu"])
     _common(p)
     p.set_defaults(func=cmd_bench)
 
@@ -364,6 +374,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     """key=value overrides may stand before, between or after the flags."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "inputs"):  # translate: clips may stand on both sides of the flags
+        args.inputs += [t for t in extra if not t.startswith("-") and "=" not in t]
+        extra = [t for t in extra if t.startswith("-") or "=" in t]
     stray = [t for t in extra if t.startswith("-") or "=" not in t]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -377,9 +390,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # the rest is train.py's command line, its own flags and help included
-        from fla_ds.train import main as train_main
+        import fla_ds.train
 
-        return train_main(argv[1:])
+        fla_ds.train.PROG = "fla-ds train"
+        return fla_ds.train.main(argv[1:])
     args = parse(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -86,12 +86,17 @@ def load_ds_config(path: str) -> dict:
     raise FileNotFoundError(f"DeepSpeed config {path} not found")
 
 
-def build_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
-    """SGD with momentum (the paper's stage 1) or AdamW, over the stage's parameter groups."""
+def build_optimizer(groups: list[dict], cfg, cuda: bool | None = None) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's stage 1) or AdamW, over the stage's parameter groups.
+    ``cuda`` (default: whether CUDA is available): torch's fused implementation (``fused=True``:
+    one kernel for the whole update instead of several per tensor, no host sync), which DeepSpeed
+    steps like any torch optimizer over its flat fp32 partitions; elsewhere torch's default
+    implementation, as before."""
     t = cfg.train
+    fused = {"fused": True} if (torch.cuda.is_available() if cuda is None else cuda) else {}
     if Optimizer(t.optimizer.value if isinstance(t.optimizer, Optimizer) else t.optimizer) is Optimizer.sgd:
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, **fused)
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, **fused)
 
 
 def warmup_cosine(total_steps: int, warmup: int, min_ratio: float):

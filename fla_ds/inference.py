@@ -1,12 +1,15 @@
 """Inference without DeepSpeed: stage-2 checkpoints and bundles, ``fla-ds export`` and
 ``fla-ds translate``.
 
-A bundle is a folder with everything needed to translate: the encoder (``encoder/``), the
-projector, what the stage-2 backend trained (``fla_ds.backends``: the LoRA adapter plus the
-base model's location, or with ``--merge`` the merged weights in ``model/``; the fine-tuned
-``mbart/`` or ``t5/``), the tokenizer and the resolved config. A stage-2 step folder has the
-same layout, so both load the same way (``fla_ds.translator``). A bundle has its own
-``COMPLETE`` manifest, and both are verified before loading (``fla_ds.artifacts``).
+A bundle is a folder with everything needed to translate, on another machine with no cache
+and no network: the encoder (``encoder/``), the projector, what the stage-2 backend trained
+(``fla_ds.backends``: the LoRA adapter plus a copy of the base model in ``base/``, or with
+``--merge`` the merged weights in ``model/``; the fine-tuned ``mbart/`` or ``t5/``), the
+tokenizer and the resolved config. Loading a bundle reads only files inside it (a bundle.json
+path leading out is refused: ``fla_ds.translator.read_bundle_info``). A stage-2 step folder
+has the same layout, so both load the same way (``fla_ds.translator``). A bundle has its own
+``COMPLETE`` manifest over every file, the base model's included, and both are verified
+before loading (``fla_ds.artifacts``).
 
 This module depends on models, artifacts and translators, never on the training stages.
 
@@ -54,11 +57,13 @@ def export_bundle(step_dir: str | Path, out: str | Path, merge: bool = False) ->
     configs, the adapter fitting the base model). Only files the manifest lists are copied, into
     a temporary folder beside ``out`` that gets its own COMPLETE manifest and then replaces
     ``out`` by a rename: the bundle appears whole or not at all, and a failure leaves nothing
-    (what a killed export left is removed by the next). ``merge``: the backend folds what it
-    can into the weights (decoder_only: the adapter into full-precision weights).
+    (what a killed export left is removed by the next). The backend adds what its model needs
+    (decoder_only: the base model's files; mBART and T5 are whole already); ``merge``: it folds
+    what it can into the weights (decoder_only: the adapter into the dequantized 4-bit weights,
+    refused when the merged model's logits stray past the tolerance it records in bundle.json).
     An existing ``out`` is replaced only if it is a bundle. Raises ArtifactError (one line
-    naming the file) or ConfigError."""
-    from fla_ds.artifacts import ArtifactError, verify_folder, write_manifest
+    naming the file, as it would be in ``out``) or ConfigError."""
+    from fla_ds.artifacts import ArtifactError, quiet_hf, verify_folder, write_manifest
     from fla_ds.backends import get_backend
 
     step_dir, out = Path(step_dir), Path(out)
@@ -75,11 +80,16 @@ def export_bundle(step_dir: str | Path, out: str | Path, merge: bool = False) ->
         for name in (n for part in (*BUNDLE_PARTS, *backend.bundle_parts) for n in verified.listed_under(part)):
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(step_dir / name, tmp / name)
+        # source (and a backend's *_source): where things were, as provenance; never read.
         info = {"format": "fla_ds.bundle", "backend": cfg.stage2.backend, "merged": False, "source": str(step_dir.resolve())}
-        info.update(backend.export(tmp, cfg, merge))
+        with quiet_hf():  # the checks say what is wrong, in one line
+            info.update(backend.export(tmp, cfg, merge))
         atomic_write_json(tmp / BUNDLE_FILE, info)
         write_manifest(tmp)
         replace_folder(tmp, out)
+    except ArtifactError as exc:  # named as the file would be in the bundle, which is not written
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(str(exc).replace(str(tmp), str(out))) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -72,6 +72,14 @@ class ShardsConfig:
     what is missing and writes the index."""
 
 
+class Decode(Enum):
+    """``stream.decode``: where a video batch's JPEGs are decoded."""
+
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
 @dataclass
 class StreamConfig:
     """The loader (fla_ds/stream.py): which shards, how many worker processes, the seed. The
@@ -81,7 +89,17 @@ class StreamConfig:
     """Folder with index.json and the tar shards."""
     split: str = "train"
     num_workers: int = 2
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank. How many a GPU needs: docs/cluster.md, "Workers
+    and CPUs per GPU" (workers = ceil(clips/s the GPU takes / clips/s one worker decodes),
+    each worker a CPU core besides the rank's own)."""
+    decode: Decode = Decode.auto
+    """cpu: the workers decode (libjpeg-turbo through simplejpeg, PIL for what it cannot read
+    exactly). gpu: the workers ship the kept frames' JPEG bytes and the training process decodes
+    them on its device (torchvision's nvJPEG; untested on a GPU until `fla-ds bench gpu` runs on
+    one). auto: gpu where a CUDA device and torchvision's nvJPEG are there, else cpu."""
+    persistent_workers: bool = True
+    """Workers live as long as the loader (started once, not every epoch); false restarts them
+    every pass. Batches are the same either way."""
     seed: int = 0
     """Shuffling is seeded by (seed, epoch), identical on every rank."""
     train: bool = True
@@ -146,13 +164,42 @@ class BenchConfig:
     width: int = 210
     workers: int = 2
     out: str = ""
-    """Scratch folder; empty uses a temporary one."""
+    """Scratch folder; empty uses a temporary one. `fla-ds bench gpu`: the JSON file it writes
+    (empty: bench-gpu.json in the current folder)."""
     raw_seconds: float = 240.0
     """`fla-ds bench ingest`: length of the long raw video cut at its start, middle and end."""
     raw_keyint_s: float = 2.0
     """`fla-ds bench ingest`: keyframe interval of that video, seconds."""
     hd_seconds: float = 20.0
     """`fla-ds bench ingest`: length of the 1280x720 clip whose build memory is measured."""
+    budget_s: float = 540.0
+    """`fla-ds bench gpu`: its own time limit in seconds; it stops between measurements and
+    lists what it did not reach as skipped (540 keeps one call under 10 minutes)."""
+    tiny: bool = False
+    """`fla-ds bench gpu`: the same code with tiny shapes on the CPU, fp32, in under a minute
+    (what the test suite runs)."""
+    stage1_config: str = "phoenix14t_stage1"
+    """`fla-ds bench gpu`: the stage-1 config benched (a shipped name or a file)."""
+    stage2_config: str = "phoenix14t_llama7b_qlora"
+    """`fla-ds bench gpu`: the stage-2 config benched (its LoRA, optimizer, precision, lengths;
+    the model is random with LLaMA-2-7B's shapes)."""
+    stage1_micro_batches: list[int] = field(default_factory=lambda: [1, 4, 8])
+    """`fla-ds bench gpu`: stage-1 micro batches measured; then doubling to the largest that fits."""
+    max_micro_batch: int = 512
+    """`fla-ds bench gpu`: where the doubling stops if memory does not."""
+    stage2_micro_batches: list[int] = field(default_factory=lambda: [1, 4, 16])
+    """`fla-ds bench gpu`: stage-2 micro batches measured (per ZeRO stage, checkpointing on/off,
+    feature cache and video)."""
+    target_tokens: int = 30
+    """`fla-ds bench gpu`: target tokens per stage-2 sample (PHOENIX-2014T: about 14 words, about
+    30 tokens of a LLaMA-type tokenizer)."""
+    warmup_steps: int = 2
+    """`fla-ds bench gpu`: untimed steps before each measurement."""
+    timed_steps: int = 5
+    """`fla-ds bench gpu`: timed steps per measurement (median, min and max reported)."""
+    peak_tflops: float = 0.0
+    """`fla-ds bench gpu`: the device's peak dense bf16 TFLOP/s for model-FLOPs utilisation;
+    0: from the table in fla_ds/bench/gpu.py by device name."""
 
 
 @dataclass
@@ -164,6 +211,10 @@ class VisualConfig:
     temporal_kernel: int = 5
     pretrained: str = ""
     """A torchvision-format ResNet-18 ImageNet checkpoint (.safetensors or .pth); empty: random."""
+    channels_last: bool | None = None
+    """Frames enter the ResNet-18 in channels-last memory layout (what cuDNN's convolutions run
+    fastest on tensor cores); null: on where CUDA is, off on a CPU. Same outputs either way
+    (within float rounding: tests/test_hot_paths.py)."""
 
 
 @dataclass
@@ -222,7 +273,28 @@ class TrainConfig:
     project: str = "fla-ds"
     """The wandb project and MLflow experiment of the run (a tracker run is named after train.out)."""
     save_every: int = 0
-    """Checkpoint every N steps (0: at the end of every epoch)."""
+    """Also checkpoint every N optimizer steps (0: only at epoch ends, ``save_every_epochs``)."""
+    save_every_epochs: int = 1
+    """Checkpoint at the end of every N-th epoch (0: none but the last). The last epoch (or the
+    step budget) always saves, so does an evaluation that finds a new best (RUN/best names a
+    checkpoint of the weights it scored), and a stop signal always saves where it stops."""
+    eval_every_epochs: int = 1
+    """Evaluate on dev at the end of every N-th epoch (0: only after the last). The last epoch
+    (or the step budget) always evaluates; ``eval.every_steps`` adds step-based evaluations."""
+    stop_check_every: int = 10
+    """Ranks agree on a stop signal (SIGTERM, SIGUSR1, Ctrl-C) every N optimizer steps, at an
+    epoch's last step and before every evaluation batch: one all_reduce of a flag in host memory
+    (a gloo group of its own), so the device is never waited on. Bound: a signal is acted on
+    within N optimizer steps, then one save; keep N x the step time well inside what the
+    launcher allows between its signal and SIGKILL (slurm/*.sh ask for SIGUSR1 300 s ahead;
+    torchrun kills 30 s after forwarding SIGTERM). Values below 1 mean 1."""
+    compile: bool = False
+    """torch.compile the trained module (DeepSpeed's ``engine.compile``): faster steps on a GPU
+    once compiled, minutes of compilation first (about 5 min for the tiny test model on a 2-core
+    CPU with the inductor backend, when its cache is cold)."""
+    compile_backend: str = "inductor"
+    """The torch.compile backend; aot_eager captures and checks the same graphs without
+    generating code (what the CPU test uses)."""
     keep_last: int = 3
     """Checkpoints kept besides the best."""
     best_metric: str = "bleu4"
@@ -259,6 +331,11 @@ class Stage2Config:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    """Dropout on the LoRA branch's input (QLoRA's 0.05). 0 turns it off (peft then uses no
+    dropout module): each adapted linear layer no longer keeps a dropped copy of its input for
+    the backward pass. Measured on CPU without gradient checkpointing: the tensors saved for
+    backward fall by 28% (SmolLM2-135M in NF4 QLoRA, bf16, 2 x 128 tokens: 382 -> 276 MiB; the
+    tests' 2-layer LLaMA: 27%, tests/test_hot_paths.py)."""
     lora_targets: str = "all-linear"
     prompt: str = ""
     """decoder_only: text after the visual tokens; empty: the default prompt in the language

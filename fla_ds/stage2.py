@@ -27,6 +27,7 @@ from fla_ds.batch import Batch, prepare_features
 from fla_ds.checkpoint import describe_choice, resolve_step_dir
 from fla_ds.config import load_config, save_resolved
 from fla_ds.distributed import device, gathered
+from fla_ds.feed import batch_to_device
 from fla_ds.model import VisualEncoder, load_frozen_encoder
 from fla_ds.stream import Source
 from fla_ds.translator import Stage2Translator
@@ -148,15 +149,19 @@ class Stage2:
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         return [{"params": projector, "lr": self.cfg.stage2.projector_lr}, {"params": rest, "lr": self.cfg.train.lr}]
 
+    def inputs(self, batch: Batch) -> Batch:
+        """The loader batch with its tensors on the device (``fla_ds.feed.batch_to_device``)."""
+        return batch_to_device(batch, device())
+
     def loss(self, engine, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         feats, mask = prepare_features(batch, self.encoder, self.augment, self.dtype, device())
         return engine(feats, mask, batch.text)
 
     def translator(self, engine) -> Stage2Translator:
-        """The translator inference uses, around the live model (made once); under ZeRO-3 with
-        several ranks, generation is synchronised across them."""
+        """The translator inference uses, around the live model (made once), generating with
+        ``synced_gpus`` only where ``generation_synced`` says."""
         if self._translator is None:
-            synced = self.zero3 and dist.is_initialized() and dist.get_world_size() > 1
+            synced = generation_synced(self.zero3, dist.get_world_size() if dist.is_initialized() else 1)
             self._translator = Stage2Translator(engine.module, self.encoder, self.augment, self.cfg, self.dtype, synced_gpus=synced,
                                                 encoder_cfg=self.encoder_cfg)
         return self._translator
@@ -178,6 +183,15 @@ class Stage2:
         if self.rank == 0:
             save_resolved(self.cfg, step_dir)
             copy_encoder(self.encoder_dir, step_dir / "encoder")
+
+
+def generation_synced(zero3: bool, world: int) -> bool:
+    """Whether ``generate`` must run with ``synced_gpus=True``: under ZeRO-3 with several ranks
+    only. There every decoding step gathers each layer's weights from all ranks (a collective),
+    so a rank that has finished its batch keeps stepping until all have. Under ZeRO-0/1/2 every
+    rank holds whole weights: each generates alone, with no collective and no weight gather per
+    token (synced_gpus there would only add an all_reduce per token)."""
+    return zero3 and world > 1
 
 
 def copy_encoder(stage1_step: Path, out: Path) -> None:

@@ -26,24 +26,34 @@ the evaluation crop, views 1.. random augmentations), stored as K sets of shards
 alike: shard s, position i is the same clip in every view. The plan is made over clips, so
 epochs, ranks and resume are exactly as for video; a training epoch reads each clip from one
 view, ``pick_view(seed, epoch, clip)``, and evaluation always reads view 0.
+
+Workers live as long as the stream (``stream.persistent_workers``) and read each pass's
+position from shared memory; each keeps its decode buffer. Video batches are decoded straight
+into the batch (only the padded tail is zeroed) on the CPU (fla_ds.frames.read_jpeg), or with
+``stream.decode=gpu`` on the training device: workers ship JPEG bytes and this process decodes
+them (fla_ds.augment; untested on a GPU so far). With a CUDA device, batches come pinned.
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # noqa: F401  (its exit handler must be registered before ours, which runs first)
 import random
 import signal
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from fla_ds.batch import Batch, FeatureBatch, VideoBatch, collate_clips, collate_features
-from fla_ds.shards.format import iter_raw_samples, parse_feature_sample, parse_sample, read_frame
+from fla_ds.augment import device_decoder, video_from_frames
+from fla_ds.batch import Batch, FeatureBatch, VideoBatch, collate_features
+from fla_ds.frames import batch_side, clip_from_pack, cut_clip, decode_cuts_into, jpeg_bytes  # noqa: F401  (clip_from_pack: re-exported)
+from fla_ds.shards.format import iter_raw_samples, parse_feature_sample, parse_sample
 from fla_ds.shards.index import load_index
 
 Ref = tuple[int, int]  # (shard number in the index, sample position in that shard)
@@ -127,6 +137,27 @@ def remaining_order(order: list[Ref], history: list[tuple[Layout, int]], train: 
     return order
 
 
+@dataclass(frozen=True)
+class EpochPlan:
+    """Everything that decides a rank's batches besides the position: any process (a worker
+    included) computes the same batches from it."""
+
+    counts: tuple[int, ...]
+    seed: int
+    shuffle: bool
+    train: bool
+    limit: int
+    layout: Layout
+    rank: int
+
+    def batches(self, epoch: int, history: list[tuple[Layout, int]]) -> list[list[tuple[Ref, bool]]]:
+        """This rank's batches of ``epoch``, less what ``history``'s layouts consumed."""
+        order = epoch_order(list(self.counts), self.seed, epoch, self.shuffle)
+        if self.limit:
+            order = order[: self.limit]
+        return rank_batches(remaining_order(order, history, self.train), self.layout, self.rank, self.train)
+
+
 def pick_view(seed: int, epoch: int, ref: Ref, views: int) -> int:
     """The view a training epoch reads a clip from: a function of (seed, epoch, clip) alone,
     so any rank, worker or resumed run reads the same one."""
@@ -163,80 +194,88 @@ class ShardSet:
         return "features" if self.kind == "features" else "frames"
 
 
-class _EpochDataset(IterableDataset):
-    """One rank's batches of one epoch, from ``start_step`` on; each worker takes every
-    ``workers``-th step, so that the DataLoader's round-robin yields them in step order."""
+class _Position:
+    """Where the stream is: epoch, steps done and the earlier layouts of this epoch, as int64
+    slots, in shared memory when there are workers (a persistent worker keeps the dataset
+    object it started with and reads this at the start of every pass)."""
 
-    def __init__(self, stream: ShardStream, batches: list, start_step: int):
-        self.shards, self.batches, self.start_step = stream.shards, batches, start_step
-        self.workers, self.epoch, self.seed = stream.cfg.num_workers, stream.epoch, stream.cfg.seed
+    MAX_HISTORY = 256  # layout changes within one epoch (one per resume): far beyond any real run
+
+    def __init__(self, shared: bool):
+        slots = torch.zeros(3 + 4 * self.MAX_HISTORY, dtype=torch.int64)
+        self.slots = slots.share_memory_() if shared else slots
+
+    def write(self, epoch: int, steps_done: int, history: list[tuple[Layout, int]]) -> None:
+        if len(history) > self.MAX_HISTORY:
+            raise ValueError(f"more than {self.MAX_HISTORY} layout changes within one epoch")
+        values = [epoch, steps_done, len(history)] + [v for lay, n in history for v in (lay.world_size, lay.batch_size, lay.workers, n)]
+        self.slots[: len(values)] = torch.tensor(values, dtype=torch.int64)
+
+    def read(self) -> tuple[int, int, list[tuple[Layout, int]]]:
+        epoch, steps_done, n = self.slots[:3].tolist()
+        rows = self.slots[3 : 3 + 4 * n].view(-1, 4).tolist() if n else []
+        return epoch, steps_done, [(Layout(*row[:3]), row[3]) for row in rows]
+
+
+class _StreamDataset(IterableDataset):
+    """One rank's batches of the pass the shared position describes, from its steps done on;
+    each worker takes every ``workers``-th step, so that the DataLoader's round-robin yields
+    them in step order. Yields each batch as a dict of VideoBatch's or FeatureBatch's fields
+    (a dict, so that the DataLoader can pin it), plus "kind" and, when JPEGs are decoded on the
+    device, the JPEG bytes instead of "video"."""
+
+    def __init__(self, stream: ShardStream):
+        self.shards, self.plan, self.position = stream.shards, stream.plan, stream.position
+        self.workers, self.seed = max(1, stream.cfg.num_workers), stream.cfg.seed
         self.augment, self.random_augment = stream.augment, stream.random_augment
+        self.ship_jpeg = stream.decoder is not None
         self.views = len(self.shards.views) if stream.cfg.train else 1  # evaluation reads view 0 only
 
-    def view_of(self, ref: Ref) -> int:
-        return pick_view(self.seed, self.epoch, ref, self.views)
-
-    def my_steps(self) -> list[int]:
+    def __iter__(self) -> Iterator[dict]:
+        epoch, start_step, history = self.position.read()
+        batches = self.plan.batches(epoch, history)
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        total = len(self.batches)
-        # A resumed loader restarts at worker 0: rotate so worker 0 serves step start_step.
-        return [k for k in range(self.start_step + worker, total, max(1, self.workers))]
-
-    def __iter__(self) -> Iterator[Batch]:
-        total, workers = len(self.batches), max(1, self.workers)
-        chosen = [(k, self.batches[batch_of_step(k, total, workers)]) for k in self.my_steps()]
-        raw = _RunReader(self.shards, [ref for _, batch in chosen for ref, _ in batch], self.view_of)
+        # A pass restarts the round-robin at worker 0: rotate so that it serves start_step.
+        steps = range(start_step + worker, len(batches), self.workers)
+        chosen = [(k, batches[batch_of_step(k, len(batches), self.workers)]) for k in steps]
+        view_of = lambda ref: pick_view(self.seed, epoch, ref, self.views)
+        raw = _RunReader(self.shards, [ref for _, batch in chosen for ref, _ in batch], view_of)
         for k, batch in chosen:
-            yield self._collate(k, [(self.decode_sample(ref, raw.take(ref)), valid) for ref, valid in batch])
+            items = [(ref, raw.take(ref)) for ref, _ in batch]
+            fields = self._features(items, view_of) if self.shards.kind == "features" else self._video(items, epoch)
+            yield {**fields, "valid": torch.tensor([v for _, v in batch]), "step": k, "epoch": epoch}
 
-    def decode_sample(self, ref: Ref, raw: dict) -> dict:
-        if self.shards.kind == "features":
-            return self.decode_features(ref, raw)
-        return self.decode_video(ref, raw)
+    def _features(self, items: list[tuple[Ref, dict]], view_of) -> dict:
+        views = [view_of(ref) for ref, _ in items]
+        parsed = [parse_feature_sample(self.shards.views[v][ref[0]], raw) for (ref, raw), v in zip(items, views)]
+        features, mask = collate_features([f for _, f in parsed])
+        return {"kind": "features", "features": features, "features_mask": mask, "view": torch.tensor(views),
+                **labels([meta for meta, _ in parsed], [raw for _, raw in items])}
 
-    def decode_features(self, ref: Ref, raw: dict) -> dict:
-        view = self.view_of(ref)
-        meta, features = parse_feature_sample(self.shards.views[view][ref[0]], raw)
-        return {"features": features, "id": meta.get("id", raw["__key__"]), "text": meta["text"], "key": raw["__key__"], "view": view}
-
-    def decode_video(self, ref: Ref, raw: dict) -> dict:
-        shard = self.shards.views[0][ref[0]]
-        meta, pack = parse_sample(shard, raw)
-        rng = random.Random(f"fla_ds-sample:{self.seed}:{self.epoch}:{ref[0]}:{ref[1]}")
-        clip, affine = clip_from_pack(meta, pack, self.augment, rng, self.random_augment, where=f"{shard}: member '{raw['__key__']}.frames'")
-        return {"video": clip, "affine": affine, "id": meta["id"], "text": meta["text"], "key": raw["__key__"]}
-
-    def _collate(self, step: int, items: list[tuple[dict, bool]]) -> Batch:
-        common = {
-            "text": [s["text"] for s, _ in items],
-            "id": [s["id"] for s, _ in items],
-            "key": [s["key"] for s, _ in items],
-            "valid": torch.tensor([v for _, v in items]),
-            "step": step,
-            "epoch": self.epoch,
-        }
-        if self.shards.kind == "features":
-            features, mask = collate_features([s["features"] for s, _ in items])
-            return FeatureBatch(features, mask, torch.tensor([s["view"] for s, _ in items]), **common)
-        video, mask = collate_clips([s["video"] for s, _ in items])
-        affine = torch.tensor([s["affine"] for s, _ in items]) if self.random_augment else None
-        return VideoBatch(video, mask, affine, **common)
+    def _video(self, items: list[tuple[Ref, dict]], epoch: int) -> dict:
+        cuts = []
+        for ref, raw in items:
+            shard = self.shards.views[0][ref[0]]
+            meta, pack = parse_sample(shard, raw)
+            rng = random.Random(f"fla_ds-sample:{self.seed}:{epoch}:{ref[0]}:{ref[1]}")
+            cuts.append(cut_clip(meta, pack, self.augment, rng, self.random_augment, f"{shard}: member '{raw['__key__']}.frames'"))
+        lengths = torch.tensor([len(c.indices) for c in cuts])
+        fields = {"kind": "video", "video_mask": torch.arange(int(lengths.max()))[None, :] < lengths[:, None],
+                  "affine": torch.tensor([c.affine for c in cuts]) if self.random_augment else None,
+                  **labels([c.meta for c in cuts], [raw for _, raw in items])}
+        if self.ship_jpeg:  # decoded by the training process, on its device
+            flat, offsets = jpeg_bytes(cuts)
+            return {**fields, "jpeg": torch.from_numpy(flat), "jpeg_offsets": torch.from_numpy(offsets), "boxes": torch.tensor([c.box for c in cuts])}
+        side = batch_side(cuts)
+        video = torch.empty((len(cuts), int(lengths.max()), side, side, 3), dtype=torch.uint8)  # no zero fill: only the tail is
+        decode_cuts_into(cuts, video.numpy())
+        return {**fields, "video": video}
 
 
-def clip_from_pack(meta: dict, pack, augment, rng: random.Random, train: bool, where: str = "clip") -> tuple[np.ndarray, list | None]:
-    """One clip as the model's loader sees it: ``augment``'s frames (T/4) sampled, decoded and
-    cropped (uint8 (T, S, S, 3)), and the training warp's matrix (None when ``train`` is
-    False). Also used by ``fla-ds translate``, so that inference preprocesses exactly like
-    evaluation. Each JPEG's size is checked against ``meta`` (width, height) before it is
-    decoded; raises ShardFormatError naming ``where`` and the frame otherwise."""
-    indices = augment.frame_indices(len(pack), rng, train)
-    box, affine = augment.crop(meta["width"], meta["height"], rng, train)
-    side = box[2] - box[0]
-    clip = np.empty((len(indices), side, side, 3), dtype=np.uint8)
-    for t, i in enumerate(indices):
-        clip[t] = read_frame(pack, i, meta, where, box)
-    return clip, affine
+def labels(metas: list[dict], raws: list[dict]) -> dict:
+    """A batch's text, corpus ids and shard keys, from its samples' json and raw samples."""
+    return {"text": [m["text"] for m in metas], "id": [m.get("id", r["__key__"]) for m, r in zip(metas, raws)], "key": [r["__key__"] for r in raws]}
 
 
 class _RunReader:
@@ -287,6 +326,17 @@ class Source:
     augment: object | None = None
 
 
+_OPEN_STREAMS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_streams() -> None:
+    """Runs at exit before multiprocessing's handler (registered later), which SIGTERMs and
+    joins its children: our workers ignore SIGTERM, so live workers would hang the exit."""
+    for stream in list(_OPEN_STREAMS):
+        stream.close()
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -329,7 +379,10 @@ class ShardStream:
     """
 
     def __init__(self, cfg, rank: int, world_size: int, batch_size: int, augment=None, shuffle: bool | None = None,
-                 limit: int = 0, random_augment: bool | None = None):
+                 limit: int = 0, random_augment: bool | None = None, decoder=None):
+        """``decoder``: decode the batches' JPEGs in this process with ``decoder(list of uint8
+        (N,) CPU tensors) -> list of uint8 (3, H, W) tensors`` (workers then ship JPEG bytes);
+        None: as ``cfg.decode`` says (``device_decoder``)."""
         self.cfg = cfg
         self.limit = limit  # only the first ``limit`` samples of each epoch's order (quick evaluations)
         self.rank, self.world_size = rank, world_size
@@ -343,10 +396,16 @@ class ShardStream:
         self.counts = list(self.shards.counts)
         self.fingerprint = self.shards.fingerprint
         self.layout = Layout(world_size, batch_size, cfg.num_workers)
+        self.plan = EpochPlan(tuple(self.counts), cfg.seed, self.shuffle, cfg.train, limit, self.layout, rank)
         self.epoch = 0
         self.history: list[tuple[Layout, int]] = []  # layouts of this epoch before a resume
-        self.start_step = 0
         self.steps_done = 0
+        self.decoder = (decoder or device_decoder(getattr(cfg, "decode", "auto"))) if self.kind == "video" else None
+        self.persistent = bool(getattr(cfg, "persistent_workers", True))
+        self.position = _Position(shared=cfg.num_workers > 0)
+        self.dataset = _StreamDataset(self)
+        self.loader: DataLoader | None = None
+        self.batches_iter = None
 
     @classmethod
     def from_config(cls, cfg, rank: int = 0, world_size: int = 1, **kwargs) -> ShardStream:
@@ -362,39 +421,57 @@ class ShardStream:
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.history, self.start_step, self.steps_done = epoch, [], 0, 0
+            self.epoch, self.history, self.steps_done = epoch, [], 0
 
     def _batches(self) -> list:
-        order = epoch_order(self.counts, self.cfg.seed, self.epoch, self.shuffle)
-        if self.limit:
-            order = order[: self.limit]
-        order = remaining_order(order, self.history, self.cfg.train)
-        return rank_batches(order, self.layout, self.rank, self.cfg.train)
+        return self.plan.batches(self.epoch, self.history)
 
     def __len__(self) -> int:
         """Batches left in this epoch on this rank (the same on every rank)."""
         return len(self._batches()) - self.steps_done
 
-    def __iter__(self) -> Iterator[Batch]:
-        batches = self._batches()
-        workers = self.cfg.num_workers
-        dataset = _EpochDataset(self, batches, self.steps_done)
-        if workers > 0 and len(batches) > self.steps_done:
+    def _worker_batches(self) -> Iterator[dict]:
+        if self.loader is None or not self.persistent:
             # Its own generator: a DataLoader otherwise draws its workers' base seed from the
             # global RNG, so starting one mid-epoch (after a resume) would shift every later
             # dropout mask. Our workers need no seed: each sample seeds its own draws.
-            loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=self.cfg.prefetch_factor,
-                                persistent_workers=False, generator=torch.Generator().manual_seed(self.cfg.seed),
-                                worker_init_fn=ignore_stop_signals)
-            with stop_signals_blocked():  # a worker inherits the mask: no signal before its init runs
-                batches_iter = iter(loader)
-        else:
-            batches_iter = iter(dataset)
-        for batch in batches_iter:
+            self.loader = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=dict,  # batches made
+                                     prefetch_factor=self.cfg.prefetch_factor, persistent_workers=self.persistent,
+                                     pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(self.cfg.seed),
+                                     worker_init_fn=ignore_stop_signals)
+        with stop_signals_blocked():  # a worker inherits the mask: no signal before its init runs
+            self.batches_iter = iter(self.loader)  # persistent workers: the same processes, told the new position
+        _OPEN_STREAMS.add(self)
+        return self.batches_iter
+
+    def __iter__(self) -> Iterator[Batch]:
+        if len(self._batches()) <= self.steps_done:
+            return
+        self.position.write(self.epoch, self.steps_done, self.history)
+        for fields in self._worker_batches() if self.cfg.num_workers > 0 else iter(self.dataset):
+            batch = self._batch(fields)
             if batch.step != self.steps_done:  # the resume guarantee rests on this order
                 raise RuntimeError(f"loader yielded step {batch.step} where {self.steps_done} was due")
             self.steps_done += 1
             yield batch
+
+    def _batch(self, fields: dict) -> Batch:
+        """A worker's dict -> the Batch; JPEG bytes are decoded here (``self.decoder``)."""
+        fields = dict(fields)
+        if fields.pop("kind") == "features":
+            return FeatureBatch(**fields)
+        if "jpeg" in fields:
+            jpeg, offsets = fields.pop("jpeg"), fields.pop("jpeg_offsets").tolist()
+            frames = self.decoder([jpeg[a:b] for a, b in zip(offsets, offsets[1:])])
+            fields["video"] = video_from_frames(frames, fields["video_mask"].sum(1).tolist(), fields.pop("boxes").tolist())
+        return VideoBatch(**fields)
+
+    def close(self) -> None:
+        """Stop the workers now (also done when the stream is garbage-collected, and at exit)."""
+        batches_iter, self.loader, self.batches_iter = self.batches_iter, None, None
+        # Asked directly, not left to garbage collection: a suspended pass may still hold the
+        # iterator. (A DataLoader iterator's own method; without it, collection does the same.)
+        getattr(batches_iter, "_shutdown_workers", lambda: None)()
 
     def state_dict(self) -> dict:
         return {

@@ -29,16 +29,19 @@ from fla_ds.config import ConfigError, explicit_keys, load_config
 LAUNCH_ERROR, SAVE_ERROR, PEER_ERROR = 2, 3, 4
 
 
+PROG = "train.py"  # "fla-ds train" when entered through the fla-ds command (its errors say so)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fla_ds/train.py", description="Train stage 1 or stage 2 of FLa-LLM")
-    parser.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    parser = argparse.ArgumentParser(prog="fla_ds/train.py" if PROG == "train.py" else PROG, description="Train stage 1 or stage 2 of FLa-LLM")
+    parser.add_argument("--stage", type=int, choices=[1, 2], required=True, help="1: visual encoder + Light-T; 2: frozen encoder + projector + language model")
     parser.add_argument("--config", help="a YAML file, or the name of a config shipped in fla_ds/configs")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     parser.add_argument("--check", action="store_true", help="only check the launch (config, DeepSpeed JSON, batch split, "
                                                              "shards, inputs, run folder, disk) and exit")
     parser.add_argument("--world-size", type=int, default=0, help="with --check: the ranks the launch will have "
                                                                    "(default: from the launcher's environment, else 1)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of config keys, before, between or after the flags, e.g. train.epochs=5")
     return parser.parse_intermixed_args(argv)  # key=value before and after flags
 
 
@@ -67,7 +70,7 @@ other ranks when one exits, and rank 0 must live to print the error."""
 def error(rank: int, message: str) -> None:
     """One line on stderr, from rank 0 only (every rank finds the same problem)."""
     if rank == 0:
-        print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
     else:
         time.sleep(LINGER_S)
 

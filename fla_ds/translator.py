@@ -49,6 +49,12 @@ class Stage1Translator:
     def __init__(self, model: torch.nn.Module, vocab, cfg, beam_size: int = 0):
         self.model, self.vocab, self.cfg = model, vocab, cfg
         self.augment = Augment(cfg.augment)
+        self.use_decoding(cfg, beam_size)
+
+    def use_decoding(self, cfg, beam_size: int = 0) -> None:
+        """Beam size (``beam_size``, else ``cfg.eval.beam_size``) and the length cap in tokens
+        (``cfg.eval.max_new_tokens``, else ``light_t.max_target_tokens``) of later calls:
+        ``fla-ds evaluate``'s ``eval.*`` overrides come through here."""
         self.beam = beam_size or cfg.eval.beam_size
         self.max_decode = cfg.eval.max_new_tokens or cfg.light_t.max_target_tokens
 
@@ -96,9 +102,14 @@ class Stage2Translator:
                  beam_size: int = 0, synced_gpus: bool = False, encoder_cfg=None):
         self.model, self.encoder, self.augment, self.cfg, self.dtype = model, encoder, augment, cfg, dtype
         self.encoder_cfg = encoder_cfg
+        self.use_decoding(cfg, beam_size)
+        self.synced_gpus = synced_gpus
+
+    def use_decoding(self, cfg, beam_size: int = 0) -> None:
+        """Beam size (``beam_size``, else ``cfg.eval.beam_size``) and the cap on new tokens
+        (``cfg.eval.max_new_tokens``, else ``stage2.max_target_tokens``) of later calls."""
         self.beam = beam_size or cfg.eval.beam_size
         self.max_new_tokens = cfg.eval.max_new_tokens or cfg.stage2.max_target_tokens
-        self.synced_gpus = synced_gpus
 
     @classmethod
     def load(cls, folder: str | Path, beam_size: int = 0) -> Stage2Translator:
@@ -113,11 +124,12 @@ class Stage2Translator:
 
         folder = Path(folder)
         verify_folder(folder)
+        bundle = read_bundle_info(folder)  # before anything loads: refuses paths leading out of a bundle
         cfg = load_config(str(folder / "config.yaml"))
         dtype = inference_dtype()
         encoder, encoder_cfg = load_frozen_encoder(folder / "encoder", dtype)
         projector = Projector.load(folder / "projector", dtype=dtype)
-        model = get_backend(cfg.stage2.backend).load(folder, cfg, projector, dtype, read_bundle_info(folder))
+        model = get_backend(cfg.stage2.backend).load(folder, cfg, projector, dtype, bundle)
         return cls(model.to(device()).eval(), encoder, Augment(encoder_cfg.augment), cfg, dtype, beam_size, encoder_cfg=encoder_cfg)
 
     @torch.no_grad()
@@ -127,14 +139,52 @@ class Stage2Translator:
         return [normalize_whitespace(t) for t in texts]
 
 
+BUNDLE_PATHS = ("base_model",)
+"""bundle.json fields naming a path that loading reads: each must lie inside the bundle.
+``source`` and ``base_model_source`` (where the step folder and the base model were when it
+was exported) are provenance only and never read."""
+
+
 def read_bundle_info(folder: Path) -> dict:
-    """``bundle.json`` of a bundle ({} for a step folder). Raises ArtifactError."""
+    """``bundle.json`` of a bundle ({} for a step folder), its path fields (``BUNDLE_PATHS``)
+    turned into paths inside ``folder``. A bundle reads only its own files, which its COMPLETE
+    manifest covers: a path field that is absolute, climbs out with ``..`` or leads out through
+    a link is refused. So is a bundle exported before bundles held their base model (its
+    ``base_model`` an absolute path into the exporting user's cache): reading it would trust
+    files no manifest covers and that another machine does not have, and such a merged bundle
+    was merged into the un-quantized weights, not the 4-bit ones it was trained on; exporting
+    again fixes both. Raises ArtifactError (one line naming bundle.json)."""
     from fla_ds.artifacts import ArtifactError, read_json
 
-    path = Path(folder) / BUNDLE_FILE
+    folder = Path(folder)
+    path = folder / BUNDLE_FILE
     if not path.is_file():
         return {}
     info = read_json(path)
-    if not isinstance(info, dict) or not isinstance(info.get("base_model", ""), str) or not isinstance(info.get("merged", False), bool):
-        raise ArtifactError(f"{path}: not a bundle description (base_model a path, merged true or false)")
+    if not isinstance(info, dict) or not isinstance(info.get("merged", False), bool):
+        raise ArtifactError(f"{path}: not a bundle description (merged true or false)")
+    for key in (k for k in BUNDLE_PATHS if k in info):
+        info[key] = str(path_inside(folder, info[key], f"{path}: {key}"))
     return info
+
+
+def path_inside(folder: Path, value, what: str) -> Path:
+    """``folder / value`` where ``value`` is a relative path that stays inside ``folder`` once
+    links are followed; ArtifactError starting with ``what`` otherwise."""
+    from pathlib import PurePosixPath
+
+    from fla_ds.artifacts import ArtifactError
+
+    if not isinstance(value, str) or not value:
+        raise ArtifactError(f"{what} {value!r} is not a path inside the bundle")
+    parts = PurePosixPath(value).parts
+    outside = value.startswith("/") or "\\" in value or "\0" in value or ".." in parts or Path(value).is_absolute()
+    if not outside:
+        try:
+            (folder / value).resolve().relative_to(folder.resolve())
+        except ValueError:
+            outside = True
+    if outside:
+        raise ArtifactError(f"{what} {value!r} points outside the bundle (a bundle reads only its own files; "
+                            "one exported before bundles held their base model: run fla-ds export again)")
+    return folder / value

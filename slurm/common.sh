@@ -102,6 +102,23 @@ fla_ds_log_lines() {
     if [ -f "$1/metrics.jsonl" ]; then wc -l < "$1/metrics.jsonl"; else echo 0; fi
 }
 
+# ---------------------------------------------------------------- workers and CPUs per GPU
+#
+# The rule (docs/cluster.md, "Workers and CPUs per GPU"): loader workers per GPU =
+# ceil(clips/s the GPU takes / clips/s one worker decodes per core), and each rank needs one CPU
+# for itself and one per worker: with one task per node, --cpus-per-task = GPUs per node x
+# (stream.num_workers + 1). Fewer CPUs than that and the workers share cores (the GPU waits).
+
+fla_ds_loader_note() {
+    # One log line: the CPUs each of the node's ranks has, and the workers they allow.
+    local ranks cpus per_rank
+    ranks=$(fla_ds_gpus_per_node)
+    cpus=${SLURM_CPUS_PER_TASK:-1}
+    per_rank=$((cpus / ranks))
+    echo "fla_ds: $cpus CPUs for $ranks ranks per node: $per_rank per rank, so up to $((per_rank > 1 ? per_rank - 1 : 0))" \
+         "loader workers each without sharing a core (stream.num_workers; docs/cluster.md, Workers and CPUs per GPU)"
+}
+
 # ---------------------------------------------------------------- signals
 #
 # A batch script receives signals (--signal=B:USR1@N, scancel --batch) only while it `wait`s,

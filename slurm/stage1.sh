@@ -7,6 +7,8 @@
 # Every #SBATCH line below is a default that the same flag on the sbatch command line replaces.
 # The default layout is the paper's (global batch 8 on 2 GPUs: fla_ds/configs/*_stage1.yaml,
 # micro batch 4); on more GPUs raise train.global_batch (and with SGD train.lr) to match.
+# CPUs: 9 per GPU, each rank's own core plus the stage-1 configs' stream.num_workers=8 loader
+# workers (the rule in docs/cluster.md, "Workers and CPUs per GPU"): --cpus-per-task = GPUs x 9.
 # The log goes to <job name>-<job id>.out in the folder sbatch was called from (always exists:
 # Slurm fails a job silently when the --output folder is missing; for logs/ run `mkdir -p logs`
 # first and add `-o logs/%x-%j.out`). Relative paths in the arguments are relative to that folder.
@@ -17,7 +19,7 @@
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=2
-#SBATCH --cpus-per-task=16
+#SBATCH --cpus-per-task=18
 #SBATCH --time=24:00:00
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
@@ -34,4 +36,5 @@ done
 source "$FLA_DS_ROOT/slurm/common.sh" || { echo "slurm/common.sh not found: submit from the repository or set FLA_DS_ROOT" >&2; exit 2; }
 fla_ds_setup
 fla_ds_header
+fla_ds_loader_note
 fla_ds_train 1 "$@"

@@ -120,3 +120,26 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
             cluster.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+VIDEO_STAGE2 = ["augment.crop_size=28", "augment.keep_ratio=0.1", "augment.max_frames=6", "train.epochs=1", "train.max_steps=1", "eval.limit=2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_stage2(tmp_path_factory) -> dict:
+    """A tiny stage-2 QLoRA run, trained once per session for every test that exports or loads
+    one (about a minute): synthetic shards, a tiny LLaMA, a stage-1 run, and a stage-2 run
+    trained from video on it, one step each. Tests copy what they alter, and put back what
+    they move."""
+    import sys
+
+    from helpers import TINY_STAGE1, TINY_STAGE2, TRAIN, run, save_tiny_llama, synthetic_shards, train_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-stage2")
+    shards, tokenizer, llama = synthetic_shards(root), train_tiny_tokenizer(root / "tokenizer"), save_tiny_llama(root / "llama")
+    run([sys.executable, TRAIN, "--stage", "1", f"stream.shards={shards}", f"train.tokenizer={tokenizer}", f"train.out={root / 'stage1'}",
+         *TINY_STAGE1, "train.epochs=1", "train.max_steps=1", "eval.limit=2"])
+    run([sys.executable, TRAIN, "--stage", "2", f"stage2.encoder={root / 'stage1'}", f"train.out={root / 'stage2'}", *TINY_STAGE2,
+         f"stage2.model={llama}", f"stream.shards={shards}", *VIDEO_STAGE2])
+    return {"shards": shards, "llama": llama, "video": sorted((root / "synth" / "videos").glob("*.mp4"))[0],
+            "stage1": root / "stage1" / "step-1", "stage2": root / "stage2" / "step-1"}

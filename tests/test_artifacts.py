@@ -20,33 +20,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_STAGE1, TINY_STAGE2, TRAIN, env, run, save_tiny_llama, synthetic_shards, train_tiny_tokenizer
+from helpers import TINY_STAGE2, env
 from safetensors.torch import save
 
 from fla_ds.artifacts import ArtifactError, check_safetensors, hf_errors, load_safetensors, load_state, verify_folder, write_manifest
 from fla_ds.atomic import sha256_file
 from fla_ds.cli import main
 
-VIDEO_STAGE2 = ["augment.crop_size=28", "augment.keep_ratio=0.1", "augment.max_frames=6", "train.epochs=1", "train.max_steps=1", "eval.limit=2"]
-
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict:
-    """A stage-1 run, a stage-2 run trained from video on it (one step each), a bundle and a
-    merged bundle of the stage-2 step; and, per weights file, a real file of another model size."""
+def assets(tiny_stage2, tmp_path_factory) -> dict:
+    """The session's tiny stage-1 and stage-2 runs (conftest.py), a bundle and a merged bundle
+    of the stage-2 step; and, per weights file, a real file of another model size."""
     root = tmp_path_factory.mktemp("artifacts")
-    shards, tokenizer, llama = synthetic_shards(root), train_tiny_tokenizer(root / "tokenizer"), save_tiny_llama(root / "llama")
-    run([sys.executable, TRAIN, "--stage", "1", f"stream.shards={shards}", f"train.tokenizer={tokenizer}", f"train.out={root / 'stage1'}",
-         *TINY_STAGE1, "train.epochs=1", "train.max_steps=1", "eval.limit=2"])
-    run([sys.executable, TRAIN, "--stage", "2", f"stage2.encoder={root / 'stage1'}", f"train.out={root / 'stage2'}", *TINY_STAGE2,
-         f"stage2.model={llama}", f"stream.shards={shards}", *VIDEO_STAGE2])
-    stage2 = root / "stage2" / "step-1"
     warm_up_deepspeed()
-    assert main(["export", "--checkpoint", str(stage2), "--out", str(root / "bundle")]) == 0
-    assert main(["export", "--checkpoint", str(stage2), "--out", str(root / "merged"), "--merge"]) == 0
-    return {"root": root, "shards": shards, "llama": llama, "video": sorted((root / "synth" / "videos").glob("*.mp4"))[0],
-            "stage1": root / "stage1" / "step-1", "stage2": stage2, "bundle": root / "bundle", "merged": root / "merged",
-            "other_size": other_size_files(root, root / "stage1" / "step-1", llama)}
+    assert main(["export", "--checkpoint", str(tiny_stage2["stage2"]), "--out", str(root / "bundle")]) == 0
+    assert main(["export", "--checkpoint", str(tiny_stage2["stage2"]), "--out", str(root / "merged"), "--merge"]) == 0
+    return {**tiny_stage2, "root": root, "bundle": root / "bundle", "merged": root / "merged",
+            "other_size": other_size_files(root, tiny_stage2["stage1"], tiny_stage2["llama"])}
 
 
 def warm_up_deepspeed() -> None:

@@ -117,8 +117,8 @@ def test_a_run_folder_says_which_checkpoint_it_chose_and_why(tmp_path):
         (run / "eval" / f"step-{step}" / "metrics.json").write_text(json.dumps({"bleu4": score}))
     (run / "latest").write_text("step-6")
     assert describe_choice(run, resolve_step_dir(run)) == f"{run}: a run folder; using its latest checkpoint step-6 (none was chosen as best by an evaluation)"
-    (run / "best").write_text(json.dumps({"step": "step-2", "metric": "dev bleu4", "value": 0.0}))
-    assert resolve_step_dir(run) == run / "step-2"
-    assert describe_choice(run, run / "step-2") == (f"{run}: a run folder; using its best checkpoint step-2 "
-                                                    "(dev bleu4 0.00; 3 evaluations share this score, the earliest is kept)")
+    (run / "best").write_text(json.dumps({"step": "step-6", "metric": "dev bleu4", "value": 0.0}))
+    assert resolve_step_dir(run) == run / "step-6"
+    assert describe_choice(run, run / "step-6") == (f"{run}: a run folder; using its best checkpoint step-6 "
+                                                    "(dev bleu4 0.00; 3 evaluations share this score, the latest saved one is kept)")
     assert describe_choice(run / "step-4", resolve_step_dir(run / "step-4")) == ""

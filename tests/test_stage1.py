@@ -66,11 +66,12 @@ def test_two_ranks_train_and_the_loss_falls(assets, tmp_path, zero):
     rows = (out / "eval" / "step-24" / "hypotheses.tsv").read_text().splitlines()[1:]
     first_id, first_hyp, first_ref = rows[0].split("\t")
     assert f"  {first_id}\n    reference:  {first_ref}\n    hypothesis: {first_hyp}" in out_lines
-    # RUN/best is the first checkpoint with the highest dev score named by train.best_metric.
+    # RUN/best is the checkpoint with the highest dev score named by train.best_metric; of
+    # several with that score (every epoch is saved here), the latest, the most trained.
     best = json.loads((out / "best").read_text())
     evals = {int(d.name.split("-")[1]): json.loads((d / "metrics.json").read_text())["rouge_l"] for d in (out / "eval").glob("step-*")}
     top = max(evals.values())
-    assert best == {"step": f"step-{min(s for s, v in evals.items() if v == top)}", "metric": "dev rouge_l", "value": top}
+    assert best == {"step": f"step-{max(s for s, v in evals.items() if v == top)}", "metric": "dev rouge_l", "value": top}
     assert re.search(rf"^summary: finished at step 24 of 24 .* samples/s\n  best: {best['step']} by {best['metric']} ", out_lines, re.M), out_lines[-1500:]
     assert f"  checkpoints: {out} (latest step-24)" in out_lines
 
@@ -100,6 +101,11 @@ def test_evaluate_command_scores_a_checkpoint(assets, tmp_path):
     assert "augment.crop_size=99 contradicts augment.crop_size=" in refused.stderr
     metrics = json.loads((out / "step-2" / "eval-dev" / "metrics.json").read_text())
     assert metrics["n"] == 8
+    # Decoding overrides reach the decoder (eval.max_new_tokens caps every hypothesis).
+    run([sys.executable, "-m", "fla_ds", "evaluate", "eval.max_new_tokens=1", "--checkpoint", str(out / "step-2"), "--shards", str(assets["shards"]),
+         "--split", "dev", "--beam", "1", "--out", str(tmp_path / "capped")])
+    capped = read_tsv(tmp_path / "capped" / "hypotheses.tsv")
+    assert len(capped) == 8 and all(len(r["hypothesis"].split()) <= 1 for r in capped), capped
     evaluated = {r["id"]: r["hypothesis"] for r in read_tsv(out / "step-2" / "eval-dev" / "hypotheses.tsv")}
     # translate: the same hypotheses for the same clips, one record per clip in either format,
     # whatever the file names hold (a TAB, a newline, a backslash), whitespace-normalised.

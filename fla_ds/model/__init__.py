@@ -37,9 +37,11 @@ class SignTranslator(nn.Module):
         )
         return cls(encoder, light_t)
 
-    def forward(self, video: torch.Tensor, mask: torch.Tensor, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss_sum, n_tokens): see ``LightT.forward`` for why the loss is a sum."""
-        features, feat_mask = self.encoder(video, mask)
+    def forward(self, video: torch.Tensor, mask: torch.Tensor, target_ids: torch.Tensor,
+                frame_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss_sum, n_tokens): see ``LightT.forward`` for why the loss is a sum;
+        ``frame_index``: see ``VisualEncoder.forward``."""
+        features, feat_mask = self.encoder(video, mask, frame_index)
         return self.light_t(features, feat_mask, target_ids)
 
     @torch.no_grad()

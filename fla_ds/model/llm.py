@@ -13,8 +13,9 @@ gather what each call needs; ``generate`` must then get ``synced_gpus=True`` on 
 A saved adapter is a plain peft folder: ``PeftModel.from_pretrained(base, folder)`` loads it
 in a process without DeepSpeed (``load_for_inference`` does that with the same dtypes as
 training, so its outputs equal the trained model's). A step folder holds ``adapter/`` and
-``tokenizer/``; ``fla-ds export --merge`` folds the adapter into full-precision weights
-(``model/`` in the bundle), which then need neither bitsandbytes nor peft.
+``tokenizer/``. A bundle (``fla-ds export``) holds the base model itself (``base/``), or with
+``--merge`` the adapter folded into the dequantized 4-bit weights (``model/``, full precision),
+which then need neither bitsandbytes nor peft (``merge_adapter``, checked by ``merge_check``).
 """
 from __future__ import annotations
 
@@ -184,15 +185,18 @@ def save_adapter(model, folder: str | os.PathLike, state_dict: dict | None = Non
     peft_model.save_pretrained(str(folder), state_dict=state_dict, safe_serialization=True)
 
 
-def load_for_inference(base_path: str | os.PathLike, adapter_folder: str | os.PathLike, qlora: bool = True, dtype: torch.dtype = torch.bfloat16):
+def load_for_inference(base_path: str | os.PathLike, adapter_folder: str | os.PathLike, qlora: bool = True, dtype: torch.dtype = torch.bfloat16,
+                       artifact: bool = False):
     """(peft model in eval mode, tokenizer): the base as in training (4-bit when ``qlora``,
     every other weight in ``dtype``) with the saved adapter, frozen. No DeepSpeed needed.
     The adapter is checked before the base loads (``fla_ds.artifacts.load_adapter``: safetensors
-    only, every tensor present and of the shape its config gives); raises ArtifactError."""
-    from fla_ds.artifacts import load_adapter
+    only, every tensor present and of the shape its config gives); ``artifact``: the base is a
+    bundle's ``base/``, checked as a trained artifact (``load_base``). Raises ArtifactError."""
+    from fla_ds.artifacts import hf_errors, load_adapter
 
-    tokenizer = load_generation_tokenizer(base_path)
-    model = load_adapter(base_path, adapter_folder, lambda: load_base(base_path, qlora, dtype), autocast_adapter_dtype=False)
+    with hf_errors(base_path, "the tokenizer"):
+        tokenizer = load_generation_tokenizer(base_path)
+    model = load_adapter(base_path, adapter_folder, lambda: load_base(base_path, qlora, dtype, artifact=artifact), autocast_adapter_dtype=False)
     cast_floating_params(model, dtype)  # the same dtypes as in training, so the same outputs
     return model.eval(), tokenizer
 
@@ -351,28 +355,82 @@ class VisualLLM(nn.Module):
 # ------------------------------------------------------------------------------ the backend
 
 
-def merge_adapter(base_path: str, adapter: Path, out: Path) -> None:
-    """Base weights in full precision with the LoRA update folded in, saved with the tokenizer
-    into ``out``: no bitsandbytes and no peft needed to run it. The adapter is checked first
-    (raises ArtifactError)."""
+def dequantized_base(path: str | os.PathLike) -> nn.Module:
+    """The base model in float32 with every weight that QLoRA quantises holding what the 4-bit
+    model computes with: its NF4 codes, quantised from float32 as ``load_for_inference`` does on
+    a CPU, dequantized (``bitsandbytes.functional.dequantize_4bit``). The weights 4-bit loading
+    leaves alone (embeddings, norms, LM head) are the file's, as there."""
+    import bitsandbytes as bnb
+
+    quantized, model = load_base(path, qlora=True, dtype=torch.float32), load_base(path, qlora=False, dtype=torch.float32)
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight, target = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state), model.get_submodule(name).weight
+            if weight.shape != target.shape:  # copy_ would broadcast
+                raise RuntimeError(f"{path}: {name} dequantizes to {list(weight.shape)}, the model has {list(target.shape)}")
+            target.data.copy_(weight)
+    return model
+
+
+def merge_adapter(base_path: str | os.PathLike, adapter: Path, out: Path, qlora: bool) -> None:
+    """The adapter folded into float32 base weights, saved with the tokenizer into ``out``: no
+    bitsandbytes and no peft needed to run it. ``qlora``: the adapter was trained on the 4-bit
+    base, so it is folded into the dequantized NF4 weights (``dequantized_base``), not into the
+    original ones, which the trained model never saw. The adapter is checked first (raises
+    ArtifactError)."""
     from fla_ds.artifacts import load_adapter
 
-    merged = load_adapter(base_path, adapter, lambda: load_base(base_path, qlora=False, dtype=torch.float32)).merge_and_unload()
-    merged.save_pretrained(str(out), safe_serialization=True)
+    base = (lambda: dequantized_base(base_path)) if qlora else (lambda: load_base(base_path, qlora=False, dtype=torch.float32))
+    load_adapter(base_path, adapter, base).merge_and_unload().save_pretrained(str(out), safe_serialization=True)
     load_generation_tokenizer(base_path).save_pretrained(str(out))
+
+
+MERGE_RTOL = 1e-3
+"""How far merged logits may stray from the unmerged model's, relative to the largest logit
+(at least 1). Both compute in float32 from the same dequantized NF4 values, so what remains is
+float32 rounding: W + s*B@A rounded once instead of x@W + s*(x@A)@B summed, about 1e-6 of the
+logit scale (measured: 2e-6 of 2.8 on the tests' 2-layer LLaMA, 9e-5 of 32 on SmolLM2-135M, 30
+layers). A merge into the original un-quantized weights misses every weight's NF4 rounding and
+moves logits by 0.3-0.45 of their scale (0.87 of 2.8; 14 of 32). 1e-3 sits ~300x from both."""
+PROBE = "2 seeded N(0,1) feature clips (8 and 5 steps) + the prompt; logits at every real position, float32 on the CPU"
+
+
+def probe_clips(feature_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merge check's fixed input (``PROBE``): features float32 (2, 8, ``feature_dim``),
+    mask bool (2, 8), the second clip padded after 5 steps."""
+    mask = torch.tensor([[True] * 8, [True] * 5 + [False] * 3])
+    return torch.randn(2, 8, feature_dim, generator=torch.Generator().manual_seed(0)) * mask.unsqueeze(-1), mask
+
+
+@torch.no_grad()
+def probe_logits(model: VisualLLM, features: torch.Tensor, feat_mask: torch.Tensor) -> torch.Tensor:
+    """float32 (N, vocab): the next-token logits at the N real positions of [BOS] visual prompt
+    rows (``VisualLLM.build_batch``), the model in eval mode."""
+    batch = model.build_batch(features, feat_mask, None)
+    logits = model.llm(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+    return logits[batch.attention_mask.bool()].float()
+
+
+def merge_check(unmerged: VisualLLM, merged: VisualLLM) -> dict:
+    """``{max_abs_logit_diff, tolerance, probe}`` of two models with the same projector on the
+    probe; tolerance ``MERGE_RTOL`` x the unmerged model's largest logit (at least 1)."""
+    features, mask = probe_clips(unmerged.projector.config()["in_dim"])
+    reference = probe_logits(unmerged, features, mask)
+    diff = (probe_logits(merged, features, mask) - reference).abs().max().item()
+    return {"max_abs_logit_diff": diff, "tolerance": MERGE_RTOL * max(1.0, reference.abs().max().item()), "probe": PROBE}
 
 
 class DecoderOnlyBackend:
     """``stage2.backend=decoder_only`` (``fla_ds.backends.Backend``): ``stage2.model`` any
     LLaMA-family folder (default the embedded SmolLM2-135M-Instruct), QLoRA (``stage2.qlora``,
     ``lora_*``), ``stage2.prompt``; the LoRA adapter in ``adapter/``, the tokenizer in
-    ``tokenizer/``. A bundle records the base model's location, or holds the merged model in
-    ``model/`` (``--merge``)."""
+    ``tokenizer/``. A bundle holds the base model in ``base/``, or the merged model in ``model/``."""
 
     name = "decoder_only"
     folder = "adapter"
     bundle_parts = ("adapter", "tokenizer")
     model_types: tuple[str, ...] = ()  # any causal LM transformers loads
+    base = "base"  # the bundle's copy of the base model (fla_ds.backends.copy_pretrained)
 
     def build(self, cfg, lm_path: str, feature_dim: int, dtype: torch.dtype, ds_config: dict | None = None) -> VisualLLM:
         from fla_ds.backends import new_projector, zero3_loading
@@ -394,7 +452,7 @@ class DecoderOnlyBackend:
         model.tokenizer.save_pretrained(str(Path(step_dir) / "tokenizer"))
 
     def load(self, folder: Path, cfg, projector: nn.Module, dtype: torch.dtype, bundle: dict) -> VisualLLM:
-        from fla_ds.artifacts import hf_errors
+        from fla_ds.artifacts import ArtifactError, hf_errors
         from fla_ds.backends import language_model_path
 
         s, folder = cfg.stage2, Path(folder)
@@ -402,9 +460,12 @@ class DecoderOnlyBackend:
             llm = load_base(folder / "model", qlora=False, dtype=dtype, artifact=True).eval()
             with hf_errors(folder / "model", "the tokenizer"):
                 tokenizer = load_generation_tokenizer(folder / "model")
+        elif bundle:  # never stage2.model: a bundle reads only itself (base_model checked by read_bundle_info)
+            if not bundle.get("base_model"):
+                raise ArtifactError(f"{folder / 'bundle.json'}: names no base_model inside the bundle (run fla-ds export again)")
+            llm, tokenizer = load_for_inference(bundle["base_model"], folder / self.folder, qlora=s.qlora, dtype=dtype, artifact=True)
         else:
-            base = bundle.get("base_model") or language_model_path(cfg)
-            llm, tokenizer = load_for_inference(base, folder / self.folder, qlora=s.qlora, dtype=dtype)
+            llm, tokenizer = load_for_inference(language_model_path(cfg), folder / self.folder, qlora=s.qlora, dtype=dtype)
         return VisualLLM(llm, tokenizer, projector, s.prompt, max_target_tokens=s.max_target_tokens)
 
     def check(self, step_dir: Path, cfg) -> None:
@@ -414,13 +475,25 @@ class DecoderOnlyBackend:
         check_adapter(Path(step_dir) / self.folder, language_model_path(cfg))
 
     def export(self, bundle_dir: Path, cfg, merge: bool) -> dict:
-        from fla_ds.backends import language_model_path
+        """The base model copied into ``base/``; ``merge``: the merged model in ``model/`` instead, refused
+        (ArtifactError) when its logits stray from the unmerged model's past the tolerance (``merge_check``)."""
+        from fla_ds.artifacts import ArtifactError
+        from fla_ds.backends import copy_pretrained, language_model_path, local_model_folder
+        from fla_ds.model.projector import Projector
 
-        info = {"base_model": str(Path(language_model_path(cfg)).resolve())}
-        if merge:
-            merge_adapter(info["base_model"], Path(bundle_dir) / self.folder, Path(bundle_dir) / "model")
-            info["merged"] = True
-        return info
+        bundle_dir, source, s = Path(bundle_dir), local_model_folder(language_model_path(cfg)), cfg.stage2
+        info = {"base_model_source": str(source)}  # provenance only: loading never reads it
+        if not merge:
+            copy_pretrained(source, bundle_dir / self.base)
+            return {**info, "base_model": self.base}
+        merge_adapter(source, bundle_dir / self.folder, bundle_dir / "model", qlora=s.qlora)
+        projector = Projector.load(bundle_dir / "projector", dtype=torch.float32)  # the check runs in float32 on the CPU
+        unmerged = VisualLLM(*load_for_inference(source, bundle_dir / self.folder, qlora=s.qlora, dtype=torch.float32), projector, s.prompt)
+        check = merge_check(unmerged, self.load(bundle_dir, cfg, projector, torch.float32, {"merged": True}).eval())
+        if check["max_abs_logit_diff"] > check["tolerance"]:
+            raise ArtifactError(f"{bundle_dir / 'model'}: merged logits differ from the unmerged model's by up to {check['max_abs_logit_diff']:.3g} "
+                                f"on the probe, past the tolerance {check['tolerance']:.3g}; no bundle written (export without --merge)")
+        return {**info, "merged": True, "merge_check": check}
 
 
 BACKEND = DecoderOnlyBackend()

@@ -85,14 +85,17 @@ class VisualEncoder(nn.Module):
     ``pretrained``: a torchvision ResNet-18 checkpoint (.safetensors/.pth) for the CNN, or
     None for torchvision's random initialisation. Set ``gradient_checkpointing = True`` to
     recompute the CNN stages in the backward pass (activation memory of ~frames x 224^2
-    ResNet-18 dominates stage 1)."""
+    ResNet-18 dominates stage 1). ``channels_last``: the frames enter the CNN in channels-last
+    memory layout (cuDNN's fast layout on tensor cores; the weights keep theirs, which ZeRO's
+    flat buffers would undo anyway); the same outputs within float rounding."""
 
-    def __init__(self, out_dim: int = 1024, kernel_size: int = 5, pretrained: str | None = None):
+    def __init__(self, out_dim: int = 1024, kernel_size: int = 5, pretrained: str | None = None, channels_last: bool = False):
         super().__init__()
         self.cnn = ResNet18(num_classes=None)
         self.temporal = TemporalBlock(FEATURE_DIM, out_dim, kernel_size)
         self.out_dim = out_dim
         self.gradient_checkpointing = False
+        self.channels_last = channels_last
         if pretrained:
             ignored = load_torchvision_checkpoint(self.cnn, pretrained)
             log.info("visual encoder: ImageNet ResNet-18 weights loaded from %s (ignored: %s)", pretrained, ", ".join(ignored) or "nothing")
@@ -106,21 +109,38 @@ class VisualEncoder(nn.Module):
         v = cfg.visual
         if pretrained and not v.pretrained:  # said only where it is true: stage 1 starting from scratch
             log.info("visual encoder: ResNet-18 randomly initialised (no visual.pretrained checkpoint given)")
-        return cls(out_dim=v.out_dim, kernel_size=v.temporal_kernel, pretrained=(v.pretrained or None) if pretrained else None)
+        channels_last = getattr(v, "channels_last", None)
+        channels_last = torch.cuda.is_available() if channels_last is None else bool(channels_last)
+        return cls(out_dim=v.out_dim, kernel_size=v.temporal_kernel, pretrained=(v.pretrained or None) if pretrained else None,
+                   channels_last=channels_last)
 
-    def frame_features(self, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def frame_features(self, video: torch.Tensor, frame_index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """ResNet-18 on the real frames only (padding can be a third of a batch: no compute
         spent on it, and no padding in the CNN's BatchNorm statistics); (B, T, 512) with
-        zeros on padding."""
-        frames = video[mask]  # (N_real, 3, S, S)
+        zeros on padding. ``frame_index``: long (N_real,), flat positions b * T + t of the real
+        frames; ``shape``: (B, T). Gathering and scattering by index has a shape known in
+        advance: no host sync (a boolean mask would need one, for its count)."""
+        frames = video.flatten(0, 1).index_select(0, frame_index)  # (N_real, 3, S, S)
+        if self.channels_last:
+            frames = frames.contiguous(memory_format=torch.channels_last)
         feats = self.cnn.forward_features(frames, gradient_checkpointing=self.gradient_checkpointing and self.training)
-        out = feats.new_zeros(*mask.shape, feats.shape[-1])
-        out[mask] = feats
-        return out
+        out = feats.new_zeros(shape.numel(), feats.shape[-1]).index_copy(0, frame_index, feats)
+        return out.view(*shape, feats.shape[-1])
 
-    def forward(self, video: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, video: torch.Tensor, mask: torch.Tensor, frame_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``frame_index``: long (N_real,) on the device, ``real_frame_index`` of ``mask``
+        computed on the host (training: fla_ds/stage1.py); None finds it from ``mask`` (one
+        host sync: evaluation and inference)."""
         mask = mask.to(device=video.device, dtype=torch.bool)
-        return self.temporal(self.frame_features(video, mask), mask), mask
+        if frame_index is None:
+            frame_index = real_frame_index(mask)
+        return self.temporal(self.frame_features(video, frame_index, mask.shape), mask), mask
+
+
+def real_frame_index(mask: torch.Tensor) -> torch.Tensor:
+    """long (N_real,): the flat positions b * T + t where the (B, T) ``mask`` is True, in order
+    (a host sync when ``mask`` is on a GPU)."""
+    return mask.reshape(-1).nonzero().squeeze(1)
 
 
 def load_frozen_encoder(step_dir: str | os.PathLike, dtype: torch.dtype) -> tuple[VisualEncoder, object]:

@@ -23,7 +23,6 @@ from fla_ds.atomic import atomic_write_text
 from fla_ds.report.clips import clip_table
 from fla_ds.report.frames import read_strips, video_shard_folder
 from fla_ds.report.page import Report, render_page
-from fla_ds.report.plots import training_plots
 from fla_ds.report.run import ReportError, load_run_config, read_best, read_evaluations, read_latest, read_metrics, scores_by_step
 
 DEFAULT_CLIPS = 24
@@ -44,6 +43,7 @@ def build_report(run: str | os.PathLike, shards: str | None = None, clips: int =
     files missing or damaged) and ConfigError (config.yaml that does not fit the schema);
     missing or damaged shards only leave the clips without frames, said on the page."""
     from fla_ds import __version__
+    from fla_ds.report.plots import training_plots  # matplotlib: imported only when a page is made
 
     run_dir = Path(run)
     if not run_dir.is_dir():

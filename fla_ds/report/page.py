@@ -29,7 +29,7 @@ dl.facts { display: grid; grid-template-columns: max-content auto; gap: .2em 1em
 figure { margin: 1em 0; } figure svg { max-width: 100%; height: auto; } figcaption { color: #555; font-size: .9em; }
 code { background: #f4f4f4; padding: 0 .2em; overflow-wrap: anywhere; } .note { color: #555; } .problem { color: #a33; }
 td.frames { white-space: nowrap; } td.frames img { margin-right: 2px; } tr.best-step td { background: #eef7ee; }
-tr.group th { background: #e8eef7; } td.missing { color: #999; } td.id { font-family: monospace; overflow-wrap: anywhere; }
+tr.group th { background: #e8eef7; } td.missing { color: #999; } td.id { font-family: monospace; overflow-wrap: anywhere; min-width: 14ch; max-width: 28ch; }
 """
 SCORE_COLUMNS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "bleu_13a")
 
@@ -215,8 +215,8 @@ def clips_section(r: Report) -> str:
     if not t.columns:
         return "<h2>Dev clips</h2><p class=\"note\">No evaluation has written hypotheses yet (RUN/eval/step-N/hypotheses.tsv).</p>"
     split = text(r.cfg.eval.split)
-    main = (clip_rows(f"The {len(t.worst)} lowest-scoring clips, worst first", t.worst, "worst", t.columns, r.strips, True)
-            + clip_rows(f"The {len(t.best)} highest-scoring clips, best first", t.best, "best", t.columns, r.strips, True))
+    main = (clip_rows(count_text(len(t.worst), "lowest-scoring clip", "worst first"), t.worst, "worst", t.columns, r.strips, True)
+            + clip_rows(count_text(len(t.best), "highest-scoring clip", "best first"), t.best, "best", t.columns, r.strips, True))
     out = f"<h2>{split} clips</h2>{clips_notes(r)}"
     if main:
         out += f'<table class="clips">{table_head(t.columns, True)}{main}</table>'
@@ -225,6 +225,11 @@ def clips_section(r: Report) -> str:
         out += (f"<details><summary>The other {len(t.rest)} clips (no frames)</summary>"
                 f'<table class="clips">{table_head(t.columns, False)}{rest}</table></details>')
     return out
+
+
+def count_text(n: int, noun: str, order: str) -> str:
+    """'The 3 lowest-scoring clips, worst first'; 'The lowest-scoring clip' for one."""
+    return f"The {noun}" if n == 1 else f"The {n} {noun}s, {order}"
 
 
 def render_page(r: Report) -> str:

@@ -298,6 +298,7 @@ class BuildSummary:
     index: dict | None
     seconds: float
     frames_built: int
+    out: Path | None = None  # the shard folder (where rejects.jsonl is)
 
     def lines(self) -> list[str]:
         out = [f"split {self.split}: {self.shards_built} shards built, {self.shards_skipped} already complete, of {self.shards_total}"]
@@ -308,7 +309,8 @@ class BuildSummary:
             reasons = _reasons(ix)
             fixes = ", ".join(f"{n} {r}" for r, n in ix["repaired"].items()) or "none"
             out.append(f"kept {ix['samples']} samples ({ix['frames']} frames, {ix['bytes'] / 1e6:.1f} MB), "
-                       f"rejected {ix['rejected']} ({reasons}), repaired {fixes}")
+                       f"rejected {ix['rejected']} ({reasons}), repaired {fixes}"
+                       + (f"; each reject named in {self.out / 'rejects.jsonl'}" if ix["rejected"] and self.out else ""))
         rate = self.frames_built / self.seconds if self.seconds > 0 else 0.0
         out.append(f"encoded {self.frames_built} frames in {self.seconds:.1f} s ({rate:.0f} frames/s)")
         return out
@@ -343,4 +345,5 @@ def build_shards(cfg, progress_bar: bool = True) -> BuildSummary:
         write_index(out, plan.split, entry, rejects)
         save_resolved(cfg, out, f"config.{plan.split}.yaml")
         index = entry
-    return BuildSummary(plan.split, len(plan.shards), len(built), len(selected) - len(built), index, time.perf_counter() - started, frames_built)
+    return BuildSummary(plan.split, len(plan.shards), len(built), len(selected) - len(built), index, time.perf_counter() - started, frames_built,
+                        out)
