@@ -24,6 +24,7 @@ from fla_ds.schema import (  # noqa: F401  (re-exported: the schema is imported 
     BenchConfig,
     Config,
     CorpusConfig,
+    Decode,
     DemoConfig,
     EvalConfig,
     Level,

@@ -263,6 +263,8 @@ class Trainer:
         from fla_ds.evaluate.run import evaluate_split
 
         out_dir = self.run_dir / "eval" / f"step-{self.progress.step}"
+        e = self.cfg.eval
+        self.log.event("evaluating", step=self.progress.step, split=e.split, beam=e.beam_size, limit=e.limit)  # on its own line: a long decode is not a hang
         self.engine.eval()
         try:
             return evaluate_split(lambda batch: self.stage.translate(self.engine, batch), self.cfg, self.rank, self.world, out_dir,

@@ -110,7 +110,7 @@ def test_a_signal_during_evaluation_stops_at_the_next_batch_and_the_evaluation_r
                 "stream.num_workers=1"]
     out = tmp_path / "run"
     proc = start(train_cmd(assets, out, 2, *settings))
-    wait_until(lambda: steps_logged(out) >= 4, proc, what="the last step of the epoch")  # evaluation starts now
+    wait_until(lambda: (out / "metrics.jsonl").is_file() and events(out, "evaluating"), proc, what="the evaluation after the epoch")  # said as it starts
     kill_tree(proc, signal.SIGTERM)  # the whole tree: launcher, ranks, loader workers
     output = finish(proc)
     preempted = events(out, "preempted")

@@ -2,14 +2,15 @@
 
 Inputs are made by the package itself, so any clone or install reproduces them: ``bench.clips``
 PHOENIX-like clips (``bench.frames`` frames of ``bench.width`` x ``bench.height``) of the
-embedded synthetic corpus's signing (fla_ds.corpus.synthetic), with pixel noise so that JPEG
-and h264 have real work, written as PNG folders (PHOENIX's release format) and built into
-shards by the project's builder.
+embedded synthetic corpus's signing (fla_ds.corpus.synthetic), textured so that the stored
+JPEGs take as many bytes as real PHOENIX frames (``synthetic_frames``), written as PNG folders
+(PHOENIX's release format) and built into shards by the project's builder.
 
 Every alternative decodes exactly the frames the training loader decodes in that epoch (T/4:
 about 29 of 116, the same crops), and the alternatives are timed interleaved, A B C ... A B C,
 over ``ROUNDS`` rounds (round r = epoch r for all of them), so that machine load hits them
-alike; each figure is printed as min / median / max, and each ratio is the median of the
+alike; each figure is printed as clips/s min / median / max and clips per CPU-second (this
+process's and its children's: robust to other load), and each ratio is the median of the
 per-round ratios against the baseline of the same round. The process runs one thread
 (``torch.set_num_threads(1)``), as a loader worker does.
 - loader: the streaming loader in training mode (micro batch 4), in this process with
@@ -53,8 +54,8 @@ the low end of the issue's 400-2,500 range, about twice docs/cluster.md's A100 e
 190); replace it with `fla-ds bench gpu`'s measurement."""
 CLIPS_PER_WORKER_CORE = 50
 """Clips one loader worker process delivers per CPU-second (stage-1 training, PHOENIX-like
-clips, stream.decode=cpu): `fla-ds bench data` on the 2-core CPU machine measured 50 (41-67
-over runs under varying load; docs/benchmarks.md). Re-measure on the cluster's CPUs."""
+clips, stream.decode=cpu): `fla-ds bench data` on the 2-core CPU machine measured 50 (41-51
+over five runs under varying load; docs/benchmarks.md). Re-measure on the cluster's CPUs."""
 
 
 def workers_per_gpu(target_clips_s: float, clips_s_per_core: float, cpus_per_gpu: int) -> int:
