@@ -27,6 +27,7 @@ libjpeg-turbo's by a few levels (its IDCT and chroma upsampling are its own).
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -101,9 +102,18 @@ def to_model_input(video: torch.Tensor, crop_size: int, affine: torch.Tensor | N
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     elif (h, w) != (crop_size, crop_size):
         x = F.interpolate(x, size=(crop_size, crop_size), mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN, device=video.device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=video.device, dtype=dtype).view(1, 3, 1, 1)
+    mean, std = normalisation(video.device, dtype)
     return ((x - mean) / std).reshape(b, t, 3, crop_size, crop_size)
+
+
+@functools.lru_cache(maxsize=16)
+def normalisation(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (1, 3, 1, 1) tensors on ``device``, made once per device and
+    dtype: a fresh ``torch.tensor(..., device="cuda")`` per micro-batch is a synchronous
+    host-to-device copy, a stall in every step. Read-only: callers must not modify them."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype).view(1, 3, 1, 1).to(device)
+    std = torch.tensor(IMAGENET_STD, dtype=dtype).view(1, 3, 1, 1).to(device)
+    return mean, std
 
 
 def nvjpeg_decoder() -> Callable[[list[torch.Tensor]], list[torch.Tensor]] | None:

@@ -51,3 +51,14 @@ def test_identity_warp_reproduces_the_frame():
     video = torch.randint(0, 256, (1, 2, 8, 8, 3), dtype=torch.uint8)
     identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
     assert torch.allclose(to_model_input(video, 8, identity), to_model_input(video, 8, None), atol=1e-5)
+
+
+def test_normalisation_constants_are_made_once_per_device_and_dtype():
+    from fla_ds.augment import IMAGENET_MEAN, IMAGENET_STD, normalisation, to_model_input
+
+    mean, std = normalisation(torch.device("cpu"), torch.float32)
+    assert normalisation(torch.device("cpu"), torch.float32)[0] is mean  # no new host-to-device copy per micro-batch
+    video = torch.randint(0, 256, (2, 3, 8, 8, 3), dtype=torch.uint8)
+    expected = (video.permute(0, 1, 4, 2, 3).float() / 255.0 - torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1)
+    assert torch.allclose(to_model_input(video, 8), expected, atol=1e-6)
+    assert torch.equal(mean.flatten(), torch.tensor(IMAGENET_MEAN)) and torch.equal(std.flatten(), torch.tensor(IMAGENET_STD))

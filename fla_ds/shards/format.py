@@ -40,9 +40,8 @@ from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
 
-from fla_ds.frames import MAX_FRAME_SIDE, MAX_NUM_FRAMES, FramePack
+from fla_ds.frames import MAX_FRAME_SIDE, MAX_NUM_FRAMES, FramePack, JpegError, JpegSizeError, read_jpeg
 
 MEMBER_SUFFIXES = ("json", "frames", "features")
 PAYLOAD_SUFFIXES = ("frames", "features")  # a sample has json and exactly one of these
@@ -354,21 +353,18 @@ def parse_sample(shard: str, raw: dict) -> tuple[dict, FramePack]:
 
 
 def read_frame(pack: FramePack, i: int, meta: dict, where: str, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """Frame ``i`` of a pack as RGB uint8 (H, W, 3), cropped to ``box`` if given. The JPEG's
-    header is read first and its size checked against the json's width x height, so a forged
-    header (65535 x 65535) is refused, never decoded. ``where`` names the clip in errors
+    """Frame ``i`` of a pack as RGB uint8 (H, W, 3), cropped to ``box`` if given, through the
+    loader's own reader (``fla_ds.frames.read_jpeg``: the same decoder, the same pixels). The
+    JPEG's header is read first and its size checked against the json's width x height, so a
+    forged header (65535 x 65535) is refused, never decoded. ``where`` names the clip in errors
     (e.g. "SHARD: member 'KEY.frames'"). Raises ShardFormatError."""
+    size = (meta["width"], meta["height"])
     try:
-        with Image.open(io.BytesIO(pack.jpeg(i)), formats=["JPEG"]) as im:
-            if im.size != (meta["width"], meta["height"]):
-                raise ShardFormatError(f"{where}: frame {i} is {im.size[0]}x{im.size[1]} pixels, its json says {meta['width']}x{meta['height']}")
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            return np.asarray(im if box is None else im.crop(box))
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, ShardFormatError):
-            raise
-        raise ShardFormatError(f"{where}: frame {i} is not a readable JPEG ({one_line(exc)})") from None
+        return read_jpeg(pack.jpeg(i), size, box)
+    except JpegSizeError as exc:
+        raise ShardFormatError(f"{where}: frame {i} is {exc.width}x{exc.height} pixels, its json says {size[0]}x{size[1]}") from None
+    except JpegError as exc:
+        raise ShardFormatError(f"{where}: frame {i} is not a readable JPEG ({exc.detail})") from None
 
 
 def parse_feature_sample(shard: str, raw: dict) -> tuple[dict, np.ndarray]:
