@@ -275,10 +275,10 @@ class VisualLLM(nn.Module):
     def embed_text(self, rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
         """(B, max len, H) input embeddings of right-padded id rows, in one call of the LLM's
         embedding module (under ZeRO-3 its hook gathers the partitioned table)."""
-        ids = torch.full((len(rows), max(len(r) for r in rows)), self.pad_id, dtype=torch.long, device=device)
+        ids = torch.full((len(rows), max(len(r) for r in rows)), self.pad_id, dtype=torch.long)  # filled on the host, copied once
         for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
-        return self.llm.get_input_embeddings()(ids)
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return self.llm.get_input_embeddings()(ids.to(device))
 
     def build_batch(self, features: torch.Tensor, feat_mask: torch.Tensor, targets: list[list[int]] | None) -> LMBatch:
         """Rows as in the class docstring; ``targets`` None gives generation inputs (no target)."""
@@ -298,9 +298,10 @@ class VisualLLM(nn.Module):
         labels = None
         if targets is not None:
             # Every row ends with its target, so after left padding the targets are right-aligned.
-            labels = torch.full(attention_mask.shape, IGNORE_INDEX, dtype=torch.long, device=device)
+            labels = torch.full(attention_mask.shape, IGNORE_INDEX, dtype=torch.long)  # on the host, then one copy
             for i, target in enumerate(targets):
-                labels[i, labels.shape[1] - len(target) :] = torch.tensor(target, dtype=torch.long, device=device)
+                labels[i, labels.shape[1] - len(target) :] = torch.tensor(target, dtype=torch.long)
+            labels = labels.to(device)
         return LMBatch(embeds, attention_mask, positions_from_mask(attention_mask), labels)
 
     # ---------------------------------------------------------------- training
