@@ -58,9 +58,7 @@ def cmd_shards_build(args: argparse.Namespace) -> int:
     summary = build_shards(cfg, progress_bar=not args.quiet)
     for line in summary.lines():
         print(line)
-    from fla_ds.shards.index import load_index
-
-    if not load_index(cfg.shards.out, cfg.corpus.split).get("language"):  # said now, not when stage 2 starts
+    if summary.index is not None and not summary.index.get("language"):  # said now, not when stage 2 starts
         print("fla-ds: note: these shards record no language: stage 2 chooses its prompt by it; "
               "build with corpus.language=<code> (de, en, zh, ...) or give stage2.prompt", file=sys.stderr)
     return 0

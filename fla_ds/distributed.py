@@ -79,6 +79,9 @@ def detect_placement(local_rank_arg: int = -1, configure: bool = True) -> Placem
     return Placement(0, 0, 1, "single")
 
 
+PORT_TRIES = 5
+"""How many free ports a single-process launch tries when another process takes the one it picked."""
+
 OP_BUILD_WAIT_S = 600
 """How long a launch waits for another process's build of a DeepSpeed op before calling its
 lock stale (a build takes about a minute)."""
@@ -149,13 +152,23 @@ def init_distributed(local_rank_arg: int = -1, timeout_s: int = 1800) -> Placeme
     import deepspeed
 
     prepare_op_builds()  # DeepSpeed builds its CPU op inside init_distributed: never wait forever on it
+    port_is_ours = "MASTER_PORT" not in os.environ
     placement = detect_placement(local_rank_arg)
     os.environ.update(RANK=str(placement.rank), LOCAL_RANK=str(placement.local_rank), WORLD_SIZE=str(placement.world_size))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(placement.local_rank)
     # The timeout bounds every collective: a rank that dies makes the others fail, not hang.
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
+    for attempt in range(PORT_TRIES):
+        try:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
+            return placement
+        except torch.distributed.DistNetworkError as exc:
+            # One process picked a free port, and another process on the machine bound it before
+            # the store did: pick again (only a port we chose ourselves, a bounded number of times).
+            if not (port_is_ours and placement.launcher == "single" and "EADDRINUSE" in str(exc)) or attempt == PORT_TRIES - 1:
+                raise
+            os.environ["MASTER_PORT"] = str(_free_port())
     return placement
 
 

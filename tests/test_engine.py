@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,23 @@ def test_placement_from_each_launchers_environment(monkeypatch):
     placement = detect_placement(configure=False)
     assert (placement.rank, placement.world_size, placement.launcher) == (5, 8, "srun")
     assert 20000 <= slurm_port("123456") < 40000 and slurm_port("1") != slurm_port("2")
+
+
+PORT_RACE = """
+import os, socket, sys
+import fla_ds.distributed as d
+busy = socket.socket(); busy.bind(("127.0.0.1", 0)); busy.listen()   # another process holds the port we pick first
+picks = iter([busy.getsockname()[1]])
+pick = d._free_port
+d._free_port = lambda: next(picks, None) or pick()
+placement = d.init_distributed()
+import torch.distributed as dist
+print(placement.launcher, dist.is_initialized(), int(os.environ["MASTER_PORT"]) != busy.getsockname()[1])
+"""
+
+
+def test_a_single_process_picks_another_port_when_its_free_port_is_taken_before_it_binds():
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID")}
+    proc = subprocess.run([sys.executable, "-c", PORT_RACE], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].split() == ["single", "True", "True"], proc.stdout[-2000:]
