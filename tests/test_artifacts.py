@@ -46,8 +46,13 @@ def warm_up_deepspeed() -> None:
     what fla-ds says about the file."""
     from fla_ds.distributed import init_distributed, shutdown
 
+    saved = dict(os.environ)
     init_distributed()
     shutdown()
+    # init_distributed sets RANK, WORLD_SIZE, MASTER_PORT ... in this (pytest's) process: left
+    # there, every later test's subprocesses would inherit one rendezvous port and collide.
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def other_size_files(root: Path, stage1: Path, llama: Path) -> dict[str, bytes]:

@@ -51,7 +51,8 @@ def promised_figures() -> dict[str, list[str]]:
 
 
 def start(out: Path, *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # two benches run at once: each picks its own port
+    env = {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "fla_ds", "bench", "gpu", "bench.tiny=true", f"bench.out={out}", "bench.warmup_steps=1", "bench.timed_steps=2",
            "bench.peak_tflops=1", *overrides]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=out.parent)
