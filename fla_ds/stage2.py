@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 from fla_ds.augment import Augment
 from fla_ds.backends import get_backend, language_model_path, lm_hidden_size
-from fla_ds.batch import Batch, prepare_features
+from fla_ds.batch import Batch, FeatureBatch, prepare_features
 from fla_ds.checkpoint import describe_choice, resolve_step_dir
 from fla_ds.config import load_config, save_resolved
 from fla_ds.distributed import device, gathered
@@ -98,6 +99,20 @@ def training_language(cfg) -> str:
         raise LaunchError(str(exc)) from None
 
 
+@dataclass
+class Stage2Inputs:
+    """A stage-2 micro-batch: ``batch`` on the device, ``host_mask`` bool (B, T) its video or
+    feature mask in host memory."""
+
+    batch: Batch
+    host_mask: torch.Tensor
+
+
+def host_mask(batch: Batch) -> torch.Tensor:
+    """The loader's (B, T) bool mask of a video or feature batch (host memory)."""
+    return batch.features_mask if isinstance(batch, FeatureBatch) else batch.video_mask
+
+
 class Stage2:
     """Stage 2 for the training loop (fla_ds/trainer.py Stage protocol)."""
 
@@ -149,13 +164,15 @@ class Stage2:
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         return [{"params": projector, "lr": self.cfg.stage2.projector_lr}, {"params": rest, "lr": self.cfg.train.lr}]
 
-    def inputs(self, batch: Batch) -> Batch:
-        """The loader batch with its tensors on the device (``fla_ds.feed.batch_to_device``)."""
-        return batch_to_device(batch, device())
+    def inputs(self, batch: Batch) -> Stage2Inputs:
+        """The loader batch with its tensors on the device (``fla_ds.feed.batch_to_device``),
+        and its mask as the loader made it, on the host: the backends lay out their inputs from
+        it without reading the device."""
+        return Stage2Inputs(batch_to_device(batch, device()), host_mask(batch))
 
-    def loss(self, engine, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, mask = prepare_features(batch, self.encoder, self.augment, self.dtype, device())
-        return engine(feats, mask, batch.text)
+    def loss(self, engine, inputs: Stage2Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, _ = prepare_features(inputs.batch, self.encoder, self.augment, self.dtype, device())
+        return engine(feats, inputs.host_mask, inputs.batch.text)  # the encoder keeps its input mask: the loader's is the features'
 
     def translator(self, engine) -> Stage2Translator:
         """The translator inference uses, around the live model (made once), generating with

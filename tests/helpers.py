@@ -202,3 +202,27 @@ def collect(stream, limit: int | None = None) -> list:
         if limit is not None and len(out) == limit:
             break
     return out
+
+
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal"}
+"""Ops whose result a GPU's host must wait for: reading a value (``item``, ``float``, ``int``,
+``bool``), and results whose shape depends on the data (nonzero, masked_select)."""
+
+
+def sync_counter(on_sync):
+    """A torch dispatch mode calling ``on_sync(op name)`` for every op that would make the host
+    wait for a GPU (``SYNC_OPS``, boolean-mask indexing). On a CPU nothing waits, but the same
+    ops run, so counting them here is what a GPU would stall on. ``tolist`` is not an op: patch it."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SyncCounter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._overloadpacket.__name__
+            boolean_index = name in ("index", "index_put", "index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []) if i is not None)
+            if name in SYNC_OPS or boolean_index:
+                on_sync(name)
+            return func(*args, **(kwargs or {}))
+
+    return SyncCounter()

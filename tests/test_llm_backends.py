@@ -10,13 +10,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import TINY_MBART_LANG, save_tiny_llama, save_tiny_mbart
+from helpers import TINY_MBART_LANG, save_tiny_llama, save_tiny_mbart, sync_counter
 from transformers import MBartForConditionalGeneration
 
 from fla_ds.model.llm import VisualLLM, load_decoder_only, save_adapter
@@ -135,6 +136,52 @@ def test_labels_cover_only_target_tokens_and_eos(llama_dir):
         eos = tokenizer.eos_token_id
         for row, text in zip(batch.labels, TEXTS):
             assert row[row != IGNORE_INDEX].tolist() == tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+
+
+def sync_sites(model: VisualLLM, features: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """Where a training forward + backward makes the host wait for the device: the innermost
+    fla_ds or library module of each sync op (``helpers.sync_counter``)."""
+    sites: list[str] = []
+
+    def on_sync(op: str) -> None:
+        frames = [f.filename for f in traceback.extract_stack() if "/fla_ds/" in f.filename or "site-packages" in f.filename]
+        sites.append(next((f for f in reversed(frames) if "/torch/" not in f), "torch").split("/")[-1])
+
+    model.train()
+    with sync_counter(on_sync):
+        loss_sum, n_tokens = model(features, mask, TEXTS[: len(features)])
+        (loss_sum / n_tokens).backward()
+    return sites
+
+
+@pytest.mark.parametrize("qlora", [True, False])
+def test_a_training_step_reads_no_device_value_to_lay_out_its_inputs(llama_dir, qlora):
+    """Stage 2's forward and backward from the loader's host mask: the layout (lengths, padding,
+    labels) is worked out on the host and the loss counts tokens with ignore_index, so fla_ds
+    reads nothing from the device (counted as tests/test_hot_paths.py counts stage 1). What is
+    left is transformers' own mask logic (transformers 5.x masking_utils): it reads the mask to
+    decide whether SDPA may run plain causal attention, twice with padded rows, once without."""
+    dtype = torch.bfloat16 if qlora else torch.float32
+    model = visual_llm(llama_dir, qlora=qlora, dtype=dtype)
+    features, mask = clips()
+    assert sync_sites(model, features.to(dtype), mask) == ["masking_utils.py"] * 2
+    assert sync_sites(model, features[:1].to(dtype), mask[:1]) == ["masking_utils.py"]
+
+
+def test_the_host_layout_gives_the_masked_selection(llama_dir):
+    """Cutting each row's features at its length (host ints) is the boolean selection it
+    replaced, and a mask whose real positions do not come first is refused, not misread."""
+    model = visual_llm(llama_dir, qlora=False, dtype=torch.float32, gradient_checkpointing=False).eval()
+    features, mask = clips()
+    batch = model.build_batch(features, mask, model.target_ids(TEXTS))
+    visual = model.projector(features)
+    for i in range(2):
+        real = batch.embeds[i][batch.attention_mask[i].bool()]
+        assert torch.equal(real[len(model.head_ids) : len(model.head_ids) + int(mask[i].sum())], visual[i][mask[i]])
+    holes = mask.clone()
+    holes[1, 1] = False
+    with pytest.raises(ValueError, match="real positions must come first"):
+        model.build_batch(features, holes, None)
 
 
 def test_left_padding_leaves_each_clip_as_if_alone(llama_dir):

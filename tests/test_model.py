@@ -253,6 +253,23 @@ def test_loss_is_the_label_smoothed_sum_over_real_tokens():
     assert not torch.allclose(loss, F.cross_entropy(logits[0, :2], targets[0, :2], reduction="sum"))  # smoothing is on
 
 
+def test_the_stage2_token_loss_is_the_smoothed_sum_over_labelled_positions():
+    """fla_ds.model.loss.target_token_loss (every stage-2 backend's): torch's label smoothing,
+    (1 - eps) NLL + eps x mean over the vocabulary of -log p, summed over the positions whose
+    label is not IGNORE_INDEX only, and their count."""
+    from fla_ds.model.loss import IGNORE_INDEX, target_token_loss
+
+    logits = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[3, 1, IGNORE_INDEX, 4, 0], [IGNORE_INDEX, IGNORE_INDEX, 7, 2, 10]])
+    counted = labels != IGNORE_INDEX
+    logp = logits[counted].log_softmax(-1)
+    nll = -logp.gather(1, labels[counted][:, None]).squeeze(1)
+    for eps in (0.0, 0.1):
+        loss, n_tokens = target_token_loss(logits, labels, eps)
+        assert int(n_tokens) == 7
+        assert loss.item() == pytest.approx(((1 - eps) * nll + eps * -logp.mean(-1)).sum().item(), rel=1e-6)
+
+
 def test_pad_targets_contribute_nothing():
     model = tiny_light_t(vocab=5)
     logits = torch.randn(2, 4, 5, requires_grad=True)

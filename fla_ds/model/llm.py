@@ -24,10 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fla_ds.feed import to_device
 from fla_ds.model.loss import IGNORE_INDEX, target_token_loss
 
 # ------------------------------------------------------------------------------ loading
@@ -230,13 +232,23 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
 
 
-def left_pad(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_i, H) rows -> (B, L, H) zeros-padded on the left, and the (B, L) long mask."""
-    width = max(len(r) for r in rows)
-    embeds = torch.stack([F.pad(r, (0, 0, width - len(r), 0)) for r in rows])
-    lengths = torch.tensor([len(r) for r in rows], device=embeds.device)
-    mask = torch.arange(width, device=embeds.device)[None, :] >= (width - lengths)[:, None]
-    return embeds, mask.long()
+def left_pad(rows: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+    """(L_i, H) rows -> (B, ``width``, H), zeros on the left. Lengths are host ints: no sync."""
+    return torch.stack([F.pad(r, (0, 0, width - len(r), 0)) for r in rows])
+
+
+def prefix_lengths(mask: torch.Tensor) -> list[int]:
+    """Real positions per row of a (B, T) bool mask whose real positions come first (every
+    batch fla_ds makes: ``fla_ds.batch.collate_features``; the encoder keeps its input mask).
+    A host mask is read through numpy, never the device, and checked to be such a prefix
+    (raises ValueError); a device mask costs one host sync for all rows (inference)."""
+    if mask.device.type != "cpu":
+        return mask.sum(1).tolist()
+    real = mask.numpy().astype(bool)
+    lengths = real.sum(1)
+    if not (real == (np.arange(real.shape[1])[None, :] < lengths[:, None])).all():
+        raise ValueError("feature mask: real positions must come first in every row (padding only at the end)")
+    return lengths.tolist()
 
 
 class VisualLLM(nn.Module):
@@ -278,31 +290,33 @@ class VisualLLM(nn.Module):
         ids = torch.full((len(rows), max(len(r) for r in rows)), self.pad_id, dtype=torch.long)  # filled on the host, copied once
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return self.llm.get_input_embeddings()(ids.to(device))
+        return self.llm.get_input_embeddings()(to_device(ids, device))
 
     def build_batch(self, features: torch.Tensor, feat_mask: torch.Tensor, targets: list[list[int]] | None) -> LMBatch:
-        """Rows as in the class docstring; ``targets`` None gives generation inputs (no target)."""
+        """Rows as in the class docstring; ``targets`` None gives generation inputs (no target).
+        features: (B, T, D) on the device; feat_mask: bool (B, T), real positions first, on the
+        host (training passes the loader's: the whole layout is then worked out on the host and
+        nothing waits on the device) or on the device (one host sync, ``prefix_lengths``)."""
         device = features.device
-        feat_mask = feat_mask.to(device=device, dtype=torch.bool)
+        lengths = prefix_lengths(feat_mask)
         tails = [self.prompt_ids + t for t in targets] if targets is not None else [self.prompt_ids] * len(features)
         text_rows = [self.head_ids + tail for tail in tails]
         text = self.embed_text(text_rows, device)
         # The projector may run in another dtype (fp32 features, bf16 LLM): the LLM's own.
         visual = self.projector(features).to(text.dtype)
         n_head = len(self.head_ids)
-        rows = [
-            torch.cat([text[i, :n_head], visual[i][feat_mask[i]], text[i, n_head : len(text_rows[i])]])
-            for i in range(len(text_rows))
-        ]
-        embeds, attention_mask = left_pad(rows)
+        rows = [torch.cat([text[i, :n_head], visual[i, : lengths[i]], text[i, n_head : len(text_rows[i])]]) for i in range(len(text_rows))]
+        sizes = [len(r) for r in rows]  # host ints: the layout never reads the device
+        width = max(sizes)
+        attention_mask = (torch.arange(width)[None, :] >= width - torch.tensor(sizes)[:, None]).long()  # host: left padding is 0
         labels = None
         if targets is not None:
             # Every row ends with its target, so after left padding the targets are right-aligned.
-            labels = torch.full(attention_mask.shape, IGNORE_INDEX, dtype=torch.long)  # on the host, then one copy
+            labels = torch.full(attention_mask.shape, IGNORE_INDEX, dtype=torch.long)
             for i, target in enumerate(targets):
-                labels[i, labels.shape[1] - len(target) :] = torch.tensor(target, dtype=torch.long)
-            labels = labels.to(device)
-        return LMBatch(embeds, attention_mask, positions_from_mask(attention_mask), labels)
+                labels[i, width - len(target) :] = torch.tensor(target, dtype=torch.long)
+            labels = to_device(labels, device)
+        return LMBatch(left_pad(rows, width), to_device(attention_mask, device), to_device(positions_from_mask(attention_mask), device), labels)
 
     # ---------------------------------------------------------------- training
 

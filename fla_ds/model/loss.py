@@ -17,6 +17,9 @@ def target_token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothin
     logits' dtype. With ``label_smoothing`` eps, torch's definition: (1 - eps) NLL + eps x the
     mean over the vocabulary of -log p; ignored positions contribute nothing. Hugging Face's
     own loss is a per-batch mean, which would weigh tokens unequally across batches and ranks."""
-    counted = labels != IGNORE_INDEX
-    loss = F.cross_entropy(logits[counted].float(), labels[counted], label_smoothing=label_smoothing, reduction="sum")
-    return loss, counted.sum()
+    # ignore_index, not logits[labels != IGNORE_INDEX]: a boolean index has a data-dependent
+    # shape, which makes the host wait for the device every micro-batch. Ignored positions
+    # contribute nothing to either term of the smoothed loss (torch's definition).
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           label_smoothing=label_smoothing, reduction="sum")
+    return loss, (labels != IGNORE_INDEX).sum()

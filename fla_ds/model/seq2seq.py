@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
+from fla_ds.feed import to_device
 from fla_ds.model.loss import IGNORE_INDEX, target_token_loss
 
 
@@ -77,12 +78,12 @@ class VisualSeq2Seq(nn.Module):
         """(decoder_input_ids, decoder_attention_mask, labels), long (B, L), right-padded: the
         decoder reads ``start t_1 .. t_n`` and must predict ``t_1 .. t_n EOS``."""
         width = max(len(r) for r in rows)
-        inputs = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=device)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long, device=device)
+        inputs = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # filled on the host, copied once each
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         for i, row in enumerate(rows):
-            labels[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
-            inputs[i, : len(row)] = torch.tensor([self.start_id] + row[:-1], dtype=torch.long, device=device)
-        return inputs, (labels != IGNORE_INDEX).long(), labels
+            labels[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            inputs[i, : len(row)] = torch.tensor([self.start_id] + row[:-1], dtype=torch.long)
+        return to_device(inputs, device), to_device((labels != IGNORE_INDEX).long(), device), to_device(labels, device)
 
     def decode(self, rows: torch.Tensor) -> list[str]:
         """Generated rows, long (B, L), start token first -> texts: cut at the first EOS, back
@@ -106,7 +107,7 @@ class VisualSeq2Seq(nn.Module):
             raise ValueError(f"clips of {features.shape[1]} feature steps exceed {self.lm_label}'s {self.max_source_len} positions: "
                              "subsample or cut them")
         embeds = self.projector(features).to(self.lm.get_input_embeddings().weight.dtype)
-        return embeds, feat_mask.to(device=features.device, dtype=torch.long)
+        return embeds, to_device(feat_mask.long(), features.device)  # the loader's host mask in training
 
     # ---------------------------------------------------------------- training
 

@@ -22,15 +22,17 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fla_ds import trainer as trainer_module
 from fla_ds.stage1 import Stage1
 from fla_ds.train import main
 
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: its helpers
+from helpers import sync_counter  # noqa: E402
+
 records: list[dict] = []
 micro_losses: list[tuple[torch.Tensor, torch.Tensor]] = []
 COUNT = sys.argv[1] != "--no-count"
@@ -62,16 +64,6 @@ def record(op: str) -> None:
     records.append({"op": op, "kind": kind, "where": where, "micro_batch": state["micro_batch"], "step": trainer.progress.step})
 
 
-class SyncCounter(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._overloadpacket.__name__
-        boolean_index = name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []) if i is not None)
-        if name in SYNC_OPS or boolean_index:
-            record(name)
-        return func(*args, **(kwargs or {}))
-
-
 original_tolist = torch.Tensor.tolist
 
 
@@ -90,7 +82,7 @@ original_loss = Stage1.loss
 def run_epoch(self):
     state["trainer"], state["recording"], state["gas"] = self, True, self.gas
     try:
-        with SyncCounter() if COUNT else contextlib.nullcontext():
+        with sync_counter(record) if COUNT else contextlib.nullcontext():
             return original_run_epoch(self)
     finally:
         # Not kept past the epoch: a trainer alive at exit keeps its loader's workers alive, and
