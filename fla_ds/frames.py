@@ -263,14 +263,15 @@ def cut_clip(meta: dict, pack: FramePack, augment, rng: random.Random, train: bo
     return ClipCut(meta, pack, indices, box, affine, where)
 
 
-def frame_error(cut: ClipCut, i: int, exc: JpegError):
-    """The ShardFormatError for frame ``i`` of a cut (the shard format's error; imported here,
-    since fla_ds.shards.format itself imports this module)."""
+def frame_error(where: str, i: int, size: tuple[int, int], exc: JpegError):
+    """The ShardFormatError for frame ``i`` of the clip ``where`` names, whose json gives
+    ``size`` (width, height): the loader's and ``shards verify``'s one wording (the shard
+    format's error; imported here, since fla_ds.shards.format itself imports this module)."""
     from fla_ds.shards.format import ShardFormatError
 
     if isinstance(exc, JpegSizeError):
-        return ShardFormatError(f"{cut.where}: frame {i} is {exc.width}x{exc.height} pixels, its json says {cut.meta['width']}x{cut.meta['height']}")
-    return ShardFormatError(f"{cut.where}: frame {i} is not a readable JPEG ({exc.detail})")
+        return ShardFormatError(f"{where}: frame {i} is {exc.width}x{exc.height} pixels, its json says {size[0]}x{size[1]}")
+    return ShardFormatError(f"{where}: frame {i} is not a readable JPEG ({exc.detail})")
 
 
 def read_clip_into(cut: ClipCut, out: np.ndarray) -> None:
@@ -282,7 +283,7 @@ def read_clip_into(cut: ClipCut, out: np.ndarray) -> None:
         try:
             read_jpeg(cut.pack.jpeg(i), size, cut.box, out[t])
         except JpegError as exc:
-            raise frame_error(cut, i, exc) from None
+            raise frame_error(cut.where, i, size, exc) from None
 
 
 def clip_from_pack(meta: dict, pack, augment, rng: random.Random, train: bool, where: str = "clip") -> tuple[np.ndarray, list | None]:
@@ -323,14 +324,15 @@ def jpeg_bytes(cuts: list[ClipCut]) -> tuple[np.ndarray, np.ndarray]:
     batch_side(cuts)
     chunks = []
     for cut in cuts:
+        size = (cut.meta["width"], cut.meta["height"])
         for i in cut.indices:
             data = cut.pack.jpeg(i)
             try:
                 width, height, _ = jpeg_header(data)
-                if (width, height) != (cut.meta["width"], cut.meta["height"]):
+                if (width, height) != size:
                     raise JpegSizeError(width, height)
             except JpegError as exc:
-                raise frame_error(cut, i, exc) from None
+                raise frame_error(cut.where, i, size, exc) from None
             chunks.append(data)
     offsets = np.cumsum([0] + [len(c) for c in chunks], dtype=np.int64)
     flat = np.empty(int(offsets[-1]), dtype=np.uint8)

@@ -124,7 +124,7 @@ def decode(bench, cfg1, stage, engine, frames: int, texts: list[str], tiny: bool
     """Beam-5 decoding of one evaluation batch, as the trainer's evaluation runs it (the engine's
     module in eval mode, the translator the stage builds), timed after one warm-up batch."""
     from fla_ds.augment import eval_crop_side
-    from fla_ds.bench.gpu import synchronize
+    from fla_ds.bench.gpu import time_steps
     from fla_ds.bench.gpu_inputs import TINY_DECODE_CLIPS, video_batch
     from fla_ds.distributed import gathered
     from fla_ds.translator import Stage1Translator
@@ -133,19 +133,12 @@ def decode(bench, cfg1, stage, engine, frames: int, texts: list[str], tiny: bool
     clips = TINY_DECODE_CLIPS if tiny else int(cfg1.train.micro_batch)
 
     def run() -> dict:
-        import time
-
         batch = video_batch(clips, frames, side, texts, False, cfg1)
         translator = Stage1Translator(engine.module, stage.vocab, cfg1, beam_size=BEAM)
         engine.eval()
         try:
             with gathered(engine.module.parameters()):
-                translator(batch)
-                synchronize()
-                start = time.perf_counter()
-                translator(batch)
-                synchronize()
-                seconds = time.perf_counter() - start
+                seconds = time_steps(lambda: translator(batch), warmup=1, steps=1)["step_s"]
         finally:
             engine.train()
         return {"clips_per_s": clips / seconds, "seconds": seconds}

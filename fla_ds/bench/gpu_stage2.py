@@ -194,9 +194,7 @@ def saved_activations(stage, engine, batch, seq_len: int) -> dict:
 def decode(bench, cfg1, cfgx, stage, engine, zero: int, frames: int, tiny: bool) -> None:
     """Beam-5 generation of one batch of feature clips with the stage's translator (its
     module in eval mode, as the trainer's evaluation runs it), after a one-token warm-up."""
-    import time
-
-    from fla_ds.bench.gpu import synchronize
+    from fla_ds.bench.gpu import time_steps
     from fla_ds.bench.gpu_inputs import TINY_DECODE_CLIPS, feature_batch, long_texts
     from fla_ds.translator import Stage2Translator
 
@@ -209,13 +207,9 @@ def decode(bench, cfg1, cfgx, stage, engine, zero: int, frames: int, tiny: bool)
         engine.eval()
         try:
             translator.max_new_tokens = 1
-            translator(batch)
+            translator(batch)  # the warm-up: one token
             translator.max_new_tokens = new_tokens
-            synchronize()
-            start = time.perf_counter()
-            translator(batch)
-            synchronize()
-            seconds = time.perf_counter() - start
+            seconds = time_steps(lambda: translator(batch), warmup=0, steps=1)["step_s"]
         finally:
             engine.train()
         return {"clips_per_s": clips / seconds, "seconds": seconds}

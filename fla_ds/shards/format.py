@@ -41,7 +41,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from fla_ds.frames import MAX_FRAME_SIDE, MAX_NUM_FRAMES, FramePack, JpegError, JpegSizeError, read_jpeg
+from fla_ds.frames import MAX_FRAME_SIDE, MAX_NUM_FRAMES, FramePack, JpegError, frame_error, read_jpeg
 
 MEMBER_SUFFIXES = ("json", "frames", "features")
 PAYLOAD_SUFFIXES = ("frames", "features")  # a sample has json and exactly one of these
@@ -361,10 +361,8 @@ def read_frame(pack: FramePack, i: int, meta: dict, where: str, box: tuple[int, 
     size = (meta["width"], meta["height"])
     try:
         return read_jpeg(pack.jpeg(i), size, box)
-    except JpegSizeError as exc:
-        raise ShardFormatError(f"{where}: frame {i} is {exc.width}x{exc.height} pixels, its json says {size[0]}x{size[1]}") from None
     except JpegError as exc:
-        raise ShardFormatError(f"{where}: frame {i} is not a readable JPEG ({exc.detail})") from None
+        raise frame_error(where, i, size, exc) from None
 
 
 def parse_feature_sample(shard: str, raw: dict) -> tuple[dict, np.ndarray]:
