@@ -62,9 +62,10 @@ def collate_clips(videos: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Ten
     real frames."""
     lengths = torch.tensor([v.shape[0] for v in videos])
     t_max = int(lengths.max())
-    out = torch.zeros((len(videos), t_max, *videos[0].shape[1:]), dtype=torch.uint8)
+    out = torch.empty((len(videos), t_max, *videos[0].shape[1:]), dtype=torch.uint8)
     for i, v in enumerate(videos):
         out[i, : v.shape[0]] = torch.from_numpy(v)
+        out[i, v.shape[0] :] = 0  # only the padded tail: a whole-batch fill costs as much as the copy
     mask = torch.arange(t_max)[None, :] < lengths[:, None]
     return out, mask
 

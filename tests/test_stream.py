@@ -179,3 +179,19 @@ def test_two_ranks_two_workers_under_torchrun(uneven_shards, tmp_path, mode):
         assert len(r["before"]) == 3
         assert r["before"] + r["after"] == r["uninterrupted"]
     assert Counter(len(r["after"]) for r in ranks).most_common(1)[0][1] == 2
+
+
+def test_inference_collation_pads_with_zeros_after_each_clip():
+    """fla_ds.batch.collate_clips (translate, features): each clip's frames, then zeros (only the
+    tail is filled: the buffer starts uninitialised), and the mask True on real frames."""
+    import numpy as np
+
+    from fla_ds.batch import collate_clips
+
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(1, 256, (n, 4, 4, 3), dtype=np.uint8) for n in (3, 5, 1)]
+    for _ in range(3):  # fresh buffers may reuse freed memory holding the previous batch
+        video, mask = collate_clips(clips)
+        assert video.shape == (3, 5, 4, 4, 3) and mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5, [True] + [False] * 4]
+        for i, clip in enumerate(clips):
+            assert np.array_equal(video[i, : len(clip)].numpy(), clip) and not video[i, len(clip) :].any()
