@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from fla_ds.augment import Augment
 from fla_ds.backends import get_backend, language_model_path, lm_hidden_size
@@ -125,6 +125,7 @@ class Stage2:
         self.zero3 = False
         self.dtype = torch.float32
         self._translator: Stage2Translator | None = None
+        self.replica_step: int | None = None  # the optimizer step the ZeRO-3 decoding copy holds
 
     def prepare(self) -> None:
         """The stage-1 checkpoint (verified: untrusted input, fla_ds.artifacts) and the language
@@ -175,13 +176,34 @@ class Stage2:
         return engine(feats, inputs.host_mask, inputs.batch.text)  # the encoder keeps its input mask: the loader's is the features'
 
     def translator(self, engine) -> Stage2Translator:
-        """The translator inference uses, around the live model (made once), generating with
-        ``synced_gpus`` only where ``generation_synced`` says."""
+        """The translator dev decoding uses: around the live model (made once), or under ZeRO-3
+        around a plain copy. Generating with the partitioned model would gather every layer's
+        weights from all ranks for every new token, with every rank stepping until the slowest
+        has finished (``synced_gpus``); the copy is the backend's model built once more without
+        partitioning (for QLoRA the 4-bit base, ~4 GB for 7B), and what training changes (the
+        projector, LoRA or the fine-tuned weights) is copied into it with one gather whenever
+        the weights moved since the last evaluation. Each rank then decodes alone. Every rank
+        calls this at the same evaluation batches."""
         if self._translator is None:
-            synced = generation_synced(self.zero3, dist.get_world_size() if dist.is_initialized() else 1)
-            self._translator = Stage2Translator(engine.module, self.encoder, self.augment, self.cfg, self.dtype, synced_gpus=synced,
-                                                encoder_cfg=self.encoder_cfg)
+            model = engine.module
+            if self.zero3:
+                with torch.random.fork_rng(), unpartitioned_loading(engine.module):  # its initial weights are overwritten
+                    model = self.backend.build(self.cfg, self.lm_path, self.feature_dim, self.dtype, ds_config=None).to(device()).eval()
+                log.info("evaluation decodes on an unpartitioned copy of the ZeRO-3 model (no weight gathers per token)")
+            self._translator = Stage2Translator(model, self.encoder, self.augment, self.cfg, self.dtype, encoder_cfg=self.encoder_cfg)
+        if self.zero3 and self.replica_step != engine.global_steps:
+            self.refresh_replica(engine)
         return self._translator
+
+    def refresh_replica(self, engine) -> None:
+        """What training changed, copied from the partitioned model into the decoding copy."""
+        trainable = [p for p in engine.module.parameters() if p.requires_grad]
+        with gathered(trainable), torch.no_grad():
+            state = self.backend.trainable_state(engine.module)
+            unexpected = self._translator.model.load_state_dict(state, strict=False).unexpected_keys  # missing: the frozen base
+        if unexpected:
+            raise RuntimeError(f"the ZeRO-3 decoding copy lacks what training changed: {list(unexpected)[:3]}")
+        self.replica_step = engine.global_steps
 
     def translate(self, engine, batch: Batch) -> list[str]:
         return self.translator(engine)(batch)
@@ -202,13 +224,20 @@ class Stage2:
             copy_encoder(self.encoder_dir, step_dir / "encoder")
 
 
-def generation_synced(zero3: bool, world: int) -> bool:
-    """Whether ``generate`` must run with ``synced_gpus=True``: under ZeRO-3 with several ranks
-    only. There every decoding step gathers each layer's weights from all ranks (a collective),
-    so a rank that has finished its batch keeps stepping until all have. Under ZeRO-0/1/2 every
-    rank holds whole weights: each generates alone, with no collective and no weight gather per
-    token (synced_gpus there would only add an all_reduce per token)."""
-    return zero3 and world > 1
+@contextmanager
+def unpartitioned_loading(model: torch.nn.Module):
+    """``from_pretrained`` loads whole weights inside, although a ZeRO-3 model is alive: its
+    ``HfDeepSpeedConfig`` (held by ``model.hf_deepspeed_config``, fla_ds.backends.zero3_loading)
+    would otherwise make transformers partition every model it loads. Restored on exit."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    keep = getattr(model, "hf_deepspeed_config", None)
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if keep is not None:
+            set_hf_deepspeed_config(keep)
 
 
 def copy_encoder(stage1_step: Path, out: Path) -> None:

@@ -19,7 +19,6 @@ from fla_ds.config import load_config
 from fla_ds.feed import Prefetcher, RunningSums, batch_to_device
 from fla_ds.model import VisualEncoder
 from fla_ds.model.visual import real_frame_index
-from fla_ds.stage2 import generation_synced
 from fla_ds.stream import ShardStream
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -237,8 +236,3 @@ def test_lora_dropout_0_keeps_no_dropout_module_and_saves_activation_memory(tmp_
         saved[dropout] = sum(storages.values())
     assert kinds == {0.05: {"Dropout"}, 0.0: {"Identity"}}
     assert saved[0.0] < 0.8 * saved[0.05], saved  # measured 0.73
-
-
-def test_generation_is_synchronised_only_under_zero3_with_several_ranks():
-    assert generation_synced(True, 2) and generation_synced(True, 16)
-    assert not generation_synced(True, 1) and not generation_synced(False, 2) and not generation_synced(False, 1)

@@ -70,15 +70,17 @@ def test_qlora_zero3_two_ranks_trains_generates_saves_and_resumes(assets, tmp_pa
     out = tmp_path / "run"
     common = [f"stage2.model={assets['llama']}", f"stage2.features={assets['features']}", "train.ds_config=ds_configs/zero3.json", "train.epochs=3",
               "train.lr=1e-2", "stage2.projector_lr=1e-2"]
-    run(stage2_cmd(assets, out, 2, *common, "train.max_steps=12"))
+    proc = run(stage2_cmd(assets, out, 2, *common, "train.max_steps=12"))
     assert falls(losses(out)), losses(out)
+    assert "evaluation decodes on an unpartitioned copy of the ZeRO-3 model" in proc.stderr
     final = out / "step-12"
     assert check_complete(final, hashes=True) is None
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "projector/projector.safetensors",
                  "encoder/encoder.safetensors", "tokenizer/tokenizer.json"):
         assert (final / name).is_file(), name
     # The adapter saved after generating (the evaluation) reloads in a fresh process and
-    # translates exactly as the training process did.
+    # translates exactly as the training process's decoding copy did (LoRA and projector
+    # copied into it at each evaluation: a stale or missed copy would translate otherwise).
     expected = eval_hypotheses(out, 12)
     assert reload_hypotheses(final, assets["features"]) == expected
     # A longer budget continues from the checkpoint, on one rank (a requeue on fewer nodes):

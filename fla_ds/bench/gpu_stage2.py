@@ -116,7 +116,7 @@ def run_zero(bench, cfg, cfg1, cfgx, zero: int, folder: Path, dtype: torch.dtype
 
     def build():
         stage.lm_path, stage.hidden_size, stage.feature_dim = str(folder), lm_hidden_size(str(folder)), int(cfg1.visual.out_dim)
-        stage.augment = Augment(cfg1.augment)  # what the encoder reads, as Stage2.prepare takes it from the stage-1 checkpoint
+        stage.augment, stage.encoder_cfg = Augment(cfg1.augment), cfg1  # what the encoder reads, as Stage2.prepare takes them from the stage-1 checkpoint
         engine = engine_for(stage, cfgx, f"ds_configs/zero{zero}.json", dtype)[0]
         stage.encoder = frozen_encoder(cfg1, dtype)
         return engine
@@ -192,17 +192,18 @@ def saved_activations(stage, engine, batch, seq_len: int) -> dict:
 
 
 def decode(bench, cfg1, cfgx, stage, engine, zero: int, frames: int, tiny: bool) -> None:
-    """Beam-5 generation of one batch of feature clips with the stage's translator (its
-    module in eval mode, as the trainer's evaluation runs it), after a one-token warm-up."""
+    """Beam-5 generation of one batch of feature clips with the stage's translator (the one the
+    trainer's evaluation uses: under ZeRO-3 a plain copy, built and filled before the timing),
+    after a one-token warm-up."""
     from fla_ds.bench.gpu import time_steps
     from fla_ds.bench.gpu_inputs import TINY_DECODE_CLIPS, feature_batch, long_texts
-    from fla_ds.translator import Stage2Translator
 
     clips = TINY_DECODE_CLIPS if tiny else int(cfgx.train.micro_batch)
 
     def run() -> dict:
         batch = feature_batch(clips, frames, int(cfg1.visual.out_dim), long_texts(clips, 4))
-        translator = Stage2Translator(engine.module, stage.encoder, stage.augment, cfgx, stage.dtype, beam_size=BEAM)
+        translator = stage.translator(engine)  # the evaluation's own: under ZeRO-3 a plain copy of the model
+        translator.use_decoding(cfgx, beam_size=BEAM)
         new_tokens = translator.max_new_tokens
         engine.eval()
         try:
