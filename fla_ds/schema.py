@@ -369,6 +369,12 @@ class EvalConfig:
     """word, or char (CSL-Daily: scored per character)."""
     phoenix_period: bool = False
     """Append ' .' to hypotheses and references (as some PHOENIX codebases do)."""
+    zero3_copy: bool = True
+    """Under ZeRO-3, training's dev decoding runs on an unpartitioned copy of the model: no
+    weight gathers per generated token, no rank waiting on another, but the whole model once
+    more on every GPU (stage 2 QLoRA 7B: ~4.5 GiB). false: generate on the partitioned model
+    (``synced_gpus`` with several ranks), for a model that does not fit a GPU twice. Stage 1
+    always decodes a copy (small; its beam search has no synchronised mode)."""
 
 
 @dataclass

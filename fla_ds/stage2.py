@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from fla_ds.augment import Augment
 from fla_ds.backends import get_backend, language_model_path, lm_hidden_size
@@ -182,16 +183,20 @@ class Stage2:
         has finished (``synced_gpus``); the copy is the backend's model built once more without
         partitioning (for QLoRA the 4-bit base, ~4 GB for 7B), and what training changes (the
         projector, LoRA or the fine-tuned weights) is copied into it with one gather whenever
-        the weights moved since the last evaluation. Each rank then decodes alone. Every rank
-        calls this at the same evaluation batches."""
+        the weights moved since the last evaluation. Each rank then decodes alone. With
+        ``eval.zero3_copy`` false the partitioned model generates, with ``synced_gpus`` when
+        there are several ranks (a rank that finished keeps stepping: its gathers are
+        collectives). Every rank calls this at the same evaluation batches."""
+        copy = self.zero3 and self.cfg.eval.zero3_copy
         if self._translator is None:
             model = engine.module
-            if self.zero3:
+            if copy:
                 with torch.random.fork_rng(), unpartitioned_loading(engine.module):  # its initial weights are overwritten
                     model = self.backend.build(self.cfg, self.lm_path, self.feature_dim, self.dtype, ds_config=None).to(device()).eval()
                 log.info("evaluation decodes on an unpartitioned copy of the ZeRO-3 model (no weight gathers per token)")
-            self._translator = Stage2Translator(model, self.encoder, self.augment, self.cfg, self.dtype, encoder_cfg=self.encoder_cfg)
-        if self.zero3 and self.replica_step != engine.global_steps:
+            synced = self.zero3 and not copy and dist.is_initialized() and dist.get_world_size() > 1
+            self._translator = Stage2Translator(model, self.encoder, self.augment, self.cfg, self.dtype, encoder_cfg=self.encoder_cfg, synced_gpus=synced)
+        if copy and self.replica_step != engine.global_steps:
             self.refresh_replica(engine)
         return self._translator
 

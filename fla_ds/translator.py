@@ -95,15 +95,16 @@ class Stage2Translator:
     ``fla_ds.backends.VisualLanguageModel``): features from the frozen ``encoder`` (video read
     with the encoder's own ``augment``) or straight from a feature cache, in ``dtype``; beam
     search (``beam_size``, else ``eval.beam_size``; at most ``eval.max_new_tokens`` or
-    ``stage2.max_target_tokens`` new tokens). The model is used as it is (device, mode); a
-    ZeRO-3 model decodes through a plain copy (``fla_ds.stage2.Stage2.translator``), so no
-    rank waits for another while generating."""
+    ``stage2.max_target_tokens`` new tokens). The model is used as it is (device, mode);
+    ``synced_gpus`` on every rank when it is partitioned by ZeRO-3 over several ranks (training
+    decodes a plain copy instead unless ``eval.zero3_copy`` is false: fla_ds.stage2)."""
 
     def __init__(self, model: torch.nn.Module, encoder: torch.nn.Module | None, augment: Augment, cfg, dtype: torch.dtype,
-                 beam_size: int = 0, encoder_cfg=None):
+                 beam_size: int = 0, encoder_cfg=None, synced_gpus: bool = False):
         self.model, self.encoder, self.augment, self.cfg, self.dtype = model, encoder, augment, cfg, dtype
         self.encoder_cfg = encoder_cfg
         self.use_decoding(cfg, beam_size)
+        self.synced_gpus = synced_gpus
 
     def use_decoding(self, cfg, beam_size: int = 0) -> None:
         """Beam size (``beam_size``, else ``cfg.eval.beam_size``) and the cap on new tokens
@@ -135,7 +136,7 @@ class Stage2Translator:
     @torch.no_grad()
     def __call__(self, batch: Batch) -> list[str]:
         feats, mask = prepare_features(batch, self.encoder, self.augment, self.dtype, device())
-        texts = self.model.generate(feats, mask, max_new_tokens=self.max_new_tokens, num_beams=self.beam)
+        texts = self.model.generate(feats, mask, max_new_tokens=self.max_new_tokens, num_beams=self.beam, synced_gpus=self.synced_gpus)
         return [normalize_whitespace(t) for t in texts]
 
 
