@@ -184,7 +184,8 @@ def loaded(folder: Path):
 
 def test_merge_folds_lora_into_the_dequantized_4bit_weights(bundles):
     from fla_ds.artifacts import load_adapter
-    from fla_ds.model.llm import MERGE_RTOL, PROBE, VisualLLM, load_base, merge_check, probe_clips
+    from fla_ds.model.llm import VisualLLM, load_base
+    from fla_ds.model.merge import MERGE_RTOL, PROBE, merge_check, probe_clips
 
     unmerged, cfg = loaded(bundles["bundle"])
     merged, _ = loaded(bundles["merged"])
@@ -217,9 +218,9 @@ def test_merge_folds_lora_into_the_dequantized_4bit_weights(bundles):
 def test_a_merge_past_the_tolerance_fails_the_export_and_leaves_nothing(bundles, tmp_path, capfd, monkeypatch):
     """The export with the old merge put back (LoRA folded into the un-quantized weights): one
     line, exit 2, no bundle and no temporary folder."""
-    import fla_ds.model.llm as llm
+    import fla_ds.model.merge as merge
 
-    monkeypatch.setattr(llm, "dequantized_base", lambda path: llm.load_base(path, qlora=False, dtype=torch.float32))
+    monkeypatch.setattr(merge, "dequantized_base", lambda path: merge.load_base(path, qlora=False, dtype=torch.float32))
     (tmp_path / "out").mkdir()
     out = tmp_path / "out" / "merged"
     capfd.readouterr()
