@@ -22,6 +22,10 @@ def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
     torch.manual_seed(seed + rank)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every torch.empty with NaN (a debugging aid, not part of
+        # determinism): DeepSpeed's ZeRO-1/2 allocates its gradient buckets with torch.empty on
+        # every backward, and the fill made a tiny CPU step 6x slower (3.2 s, not 0.5 s).
+        torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.benchmark = False
 
 
