@@ -38,7 +38,10 @@ class VisualLanguageModel(Protocol):
     projector plus a pretrained language model reading its output), and what translates.
 
     features: float (B, T, D), the frozen stage-1 encoder's (any float dtype: the projector
-    casts); feat_mask: bool (B, T), True on real positions (padding may hold anything)."""
+    casts); feat_mask: bool (B, T), True on real positions, which come first (padding may hold
+    anything). In training the mask is the loader's, in host memory (``fla_ds.stage2.Stage2Inputs``),
+    so the model can lay out its inputs without reading the device; copy it with
+    ``fla_ds.feed.to_device`` where the device needs it. In inference it is on the device."""
 
     projector: torch.nn.Module
     """``fla_ds.model.projector.Projector``: features (B, T, D) -> (B, T, hidden); saved into
