@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,15 @@ from fla_ds.checkpoint import check_complete, step_dirs
 def assets(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("resilience")
     return {"shards": synthetic_shards(root), "tokenizer": train_tiny_tokenizer(root / "tokenizer")}
+
+
+@pytest.fixture(scope="module")
+def one_step_run(assets, tmp_path_factory) -> Path:
+    """A finished 1-rank run of one step, trained once for the tests that launch again into a
+    run folder (each copies it)."""
+    out = tmp_path_factory.mktemp("one-step") / "run"
+    run(train_cmd(assets, out, 1, "train.epochs=1", "train.max_steps=1", "eval.limit=2"))
+    return out
 
 
 def events(run_dir: Path, kind: str) -> list[dict]:
@@ -223,7 +233,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 @pytest.mark.parametrize("case", ["ds-json", "batch", "shards", "tokenizer", "resume-none"])
-def test_a_bad_launch_is_one_line_before_anything_is_written(assets, tmp_path, case):
+def test_a_bad_launch_is_one_line_before_anything_is_written(assets, one_step_run, tmp_path, case):
     out = tmp_path / "run"
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{ zero_optimization: {stage: 2} ")
@@ -235,7 +245,7 @@ def test_a_bad_launch_is_one_line_before_anything_is_written(assets, tmp_path, c
         "resume-none": (["train.resume=none"], "already holds checkpoints"),
     }[case]
     if case == "resume-none":
-        run(train_cmd(assets, out, 1, "train.epochs=1", "train.max_steps=1", "eval.limit=2"))
+        shutil.copytree(one_step_run, out, symlinks=True)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     proc = subprocess.run(train_cmd(assets, out, 2, *extra), env=env(), capture_output=True, text=True, timeout=200)
     assert proc.returncode != 0
@@ -246,9 +256,8 @@ def test_a_bad_launch_is_one_line_before_anything_is_written(assets, tmp_path, c
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "nothing may be written"
 
 
-def test_a_rerun_with_another_model_size_is_refused_and_the_run_config_kept(assets, tmp_path):
-    out = tmp_path / "run"
-    run(train_cmd(assets, out, 1, "train.epochs=1", "train.max_steps=1", "eval.limit=2"))
+def test_a_rerun_with_another_model_size_is_refused_and_the_run_config_kept(assets, one_step_run, tmp_path):
+    out = Path(shutil.copytree(one_step_run, tmp_path / "run", symlinks=True))
     config = (out / "config.yaml").read_text()
     proc = subprocess.run(train_cmd(assets, out, 1, "light_t.d_model=64"), env=env(), capture_output=True, text=True, timeout=200)
     assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1

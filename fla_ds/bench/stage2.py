@@ -35,13 +35,14 @@ def trainer_for(cfg, feature_dim: int, encoder, augment) -> Callable:
     from fla_ds.backends import get_backend, language_model_path
     from fla_ds.batch import prepare_features
     from fla_ds.distributed import device
+    from fla_ds.stage2 import host_mask
 
     model = get_backend(cfg.stage2.backend).build(cfg, language_model_path(cfg), feature_dim, torch.float32).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(batch) -> None:
-        feats, mask = prepare_features(batch, encoder, augment, torch.float32, device())
-        loss_sum, n_tokens = model(feats, mask, batch.text)
+        feats, _ = prepare_features(batch, encoder, augment, torch.float32, device())
+        loss_sum, n_tokens = model(feats, host_mask(batch), batch.text)  # the loader's mask, as Stage2.loss passes it
         (loss_sum / n_tokens).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
