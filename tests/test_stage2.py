@@ -108,12 +108,16 @@ def test_export_and_translate_a_video(assets, tmp_path):
     assert proc.stdout.startswith(str(video) + "\t")
 
 
-def test_mbart_backend_trains(assets, tmp_path):
+def test_mbart_backend_trains_under_zero3_and_decodes_on_its_copy(assets, tmp_path):
+    """Full fine-tuning partitioned by ZeRO-3: the dev decoding copy (every weight trained, so
+    all of it is copied in) translates as the saved model reloaded in a fresh process."""
     out = tmp_path / "run"
-    run(stage2_cmd(assets, out, 1, "stage2.backend=mbart", f"stage2.model={assets['mbart']}", f"stage2.features={assets['features']}",
-                   "train.epochs=5", "train.max_steps=20", "train.lr=1e-2", "stage2.projector_lr=1e-2"))
+    proc = run(stage2_cmd(assets, out, 1, "stage2.backend=mbart", f"stage2.model={assets['mbart']}", f"stage2.features={assets['features']}",
+                          "train.ds_config=ds_configs/zero3.json", "train.epochs=5", "train.max_steps=20", "train.lr=1e-2", "stage2.projector_lr=1e-2"))
     assert falls(losses(out)), losses(out)
     assert (out / "step-20" / "mbart" / "model.safetensors").is_file()
+    assert "evaluation decodes on an unpartitioned copy of the ZeRO-3 model" in proc.stderr
+    assert reload_hypotheses(out / "step-20", assets["features"]) == eval_hypotheses(out, 20)
 
 
 def test_t5_backend_under_zero2_trains_evaluates_exports_and_translates(assets, tmp_path):
