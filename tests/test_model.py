@@ -305,18 +305,7 @@ def test_light_t_ignores_padding_in_eval():
 
 
 def test_a_tiny_light_t_overfits_two_sentences_and_decodes_them():
-    torch.manual_seed(0)
-    model = tiny_light_t()
-    features = torch.randn(2, 6, 8)
-    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
-    targets = torch.tensor([[BOS, 5, 6, 7, 8, EOS], [BOS, 9, 4, EOS, PAD, PAD]])
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss, n = model(features, mask, targets)
-        optimiser.zero_grad()
-        (loss / n).backward()
-        optimiser.step()
-    model.eval()
+    model, features, mask = trained_light_t(steps=150)
     expected = [[5, 6, 7, 8], [9, 4]]
     assert model.greedy(features, mask) == expected
     assert model.generate(features, mask, beam_size=1) == expected
@@ -381,13 +370,15 @@ another order (scaled_dot_product_attention over cached keys vs the full causal 
 measured below 1e-5 here."""
 
 
-def trained_light_t() -> tuple[LightT, torch.Tensor, torch.Tensor]:
+def trained_light_t(steps: int = 60) -> tuple[LightT, torch.Tensor, torch.Tensor]:
+    """A tiny Light-T trained ``steps`` Adam steps on two sentences (seeded), in eval mode,
+    with its features and mask."""
     torch.manual_seed(0)
     model = tiny_light_t()
     features, mask = torch.randn(2, 6, 8), torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
     targets = torch.tensor([[BOS, 5, 6, 7, 8, EOS], [BOS, 9, 4, EOS, PAD, PAD]])
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
+    for _ in range(steps):
         loss, n = model(features, mask, targets)
         optimiser.zero_grad()
         (loss / n).backward()
