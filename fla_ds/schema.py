@@ -372,7 +372,7 @@ class EvalConfig:
     zero3_copy: bool = True
     """Under ZeRO-3, training's dev decoding runs on an unpartitioned copy of the model: no
     weight gathers per generated token, no rank waiting on another, but the whole model once
-    more on every GPU (stage 2 QLoRA 7B: ~4.5 GiB). false: generate on the partitioned model
+    more on every GPU (stage 2 QLoRA 7B: about 4 GiB, docs/memory.md). false: generate on the partitioned model
     (``synced_gpus`` with several ranks), for a model that does not fit a GPU twice. Stage 1
     always decodes a copy (small; its beam search has no synchronised mode)."""
 
